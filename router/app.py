@@ -1,0 +1,117 @@
+"""The FastAPI application: routes only; the work lives in the endpoint modules."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.chat import create_chat_completion
+from router.completions import create_completion
+from router.errors import APIError, error_response, install_error_handlers
+from router.schemas import ChatCompletionRequest, CompletionRequest
+from router.state import ServerState
+from shared.config import Config
+
+log = logging.getLogger(__name__)
+
+# Hooks a supervisor passes in to start and stop the workers it owns around the router's life.
+LifecycleHook = Callable[[ServerState], Awaitable[None]]
+
+_OPEN_PATHS = {"/healthz", "/metrics"}
+
+
+def create_app(
+    config: Config,
+    on_startup: LifecycleHook | None = None,
+    on_shutdown: LifecycleHook | None = None,
+) -> FastAPI:
+    state = ServerState.build(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.dispatcher.start()
+        if on_startup is not None:
+            await on_startup(state)
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown(state)
+            await state.dispatcher.close()
+            state.vocab.close()
+
+    app = FastAPI(title="llamafleet", lifespan=lifespan)
+    app.state.llamafleet = state
+    install_error_handlers(app)
+    if config.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.server.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        api_key = config.server.api_key
+        if api_key and request.url.path not in _OPEN_PATHS:
+            supplied = request.headers.get("authorization", "")
+            token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return error_response(
+                    APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+                )
+        started = time.monotonic()
+        state.metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            state.metrics.in_flight.dec()
+        endpoint = request.url.path
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if endpoint.startswith("/v1/"):
+            state.metrics.e2e.labels(endpoint).observe(time.monotonic() - started)
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        up = len(state.dispatcher.up_workers())
+        status = "ok" if up else "unavailable"
+        body = {"status": status, "workers_up": up, "workers": len(state.dispatcher.workers)}
+        return JSONResponse(body, status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        info = state.dispatcher.model_info()
+        card: dict[str, Any] = {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "llamafleet",
+        }
+        if info:
+            card["meta"] = {"n_ctx": info.get("n_ctx_seq"), "n_vocab": info.get("n_vocab")}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await create_completion(state, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await create_chat_completion(state, body, request)
+
+    return app

@@ -1,0 +1,268 @@
+"""The router's ZeroMQ client: one ROUTER socket to send requests, one PULL socket for results.
+
+A reader task demultiplexes `frames` by request id into per-request asyncio queues; a watchdog marks a
+worker down when its heartbeats stop and fails its in-flight requests at once with a 503, so a client never
+hangs on a dead worker. Workers announce themselves with `ready`; the supervisor (when the router runs one)
+reports process exits directly through `mark_down`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shared import protocol
+from shared.config import Config
+from shared.protocol import FrameItem, SubmitRequest
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailure(Exception):
+    """A request's worker failed it (or died); carries the HTTP status and OpenAI error type."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class WorkerState:
+    index: int
+    pid: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    up: bool = False
+    last_seen: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+
+
+class RequestStream:
+    """Frame items (or a failure) for one submitted request, consumed by its HTTP handler."""
+
+    def __init__(
+        self, rid: str, worker: int, queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None
+    ) -> None:
+        self.rid = rid
+        self.worker = worker
+        # Several requests of one client call (one per prompt) may share a queue.
+        self.queue: asyncio.Queue[FrameItem | WorkerFailure] = queue or asyncio.Queue()
+        self.closed = False
+
+    async def items(self) -> AsyncIterator[FrameItem]:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, WorkerFailure):
+                raise item
+            yield item
+
+
+class Dispatcher:
+    """Owns the sockets and the table of in-flight requests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workers: dict[int, WorkerState] = {}
+        self.streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._ctx = zmq.asyncio.Context()
+        self._requests: zmq.asyncio.Socket | None = None
+        self._results: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready_event = asyncio.Event()
+
+    async def start(self) -> None:
+        for endpoint in (self.config.requests_endpoint(), self.config.results_endpoint()):
+            if endpoint.startswith("ipc://"):
+                Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
+        self._requests = self._ctx.socket(zmq.ROUTER)
+        self._requests.setsockopt(zmq.LINGER, 0)
+        self._requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._requests.bind(self.config.requests_endpoint())
+        self._results = self._ctx.socket(zmq.PULL)
+        self._results.setsockopt(zmq.LINGER, 0)
+        self._results.bind(self.config.results_endpoint())
+        self._tasks = [
+            asyncio.create_task(self._read_results(), name="dispatch-reader"),
+            asyncio.create_task(self._watchdog(), name="dispatch-watchdog"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sock in (self._requests, self._results):
+            if sock is not None:
+                sock.close(0)
+        self._ctx.term()
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def up_workers(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.up]
+
+    def model_info(self) -> dict[str, Any]:
+        """The `info` of any ready worker (they all serve the same model)."""
+        for worker in self.up_workers():
+            return worker.info
+        return {}
+
+    async def wait_ready(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.up_workers()) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.ready_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready_event.wait(), min(remaining, 0.5))
+        return True
+
+    def mark_down(self, index: int, reason: str) -> None:
+        """Fails every request in flight on a dead worker with a 503."""
+        worker = self.workers.get(index)
+        if worker is None or not worker.up:
+            return
+        worker.up = False
+        log.warning("worker %d is down: %s", index, reason)
+        failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
+        for rid in list(worker.in_flight):
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(failure)
+        worker.in_flight.clear()
+
+    def pick_worker(self) -> WorkerState:
+        """The least-loaded ready worker."""
+        candidates = self.up_workers()
+        if not candidates:
+            raise WorkerFailure(503, "worker_unavailable", "no worker is ready to serve requests")
+        return min(candidates, key=lambda w: (len(w.in_flight), w.index))
+
+    def capacity(self) -> int:
+        """Sequences the ready workers can run at once."""
+        return sum(int(w.info.get("n_seq_max", 1)) for w in self.up_workers())
+
+    def in_flight(self) -> int:
+        return sum(len(w.in_flight) for w in self.workers.values())
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 1_000_000_007:x}"
+
+    async def submit(
+        self,
+        request: SubmitRequest,
+        queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
+    ) -> RequestStream:
+        worker = self.pick_worker()
+        stream = RequestStream(request.rid, worker.index, queue)
+        self.streams[request.rid] = stream
+        worker.in_flight.add(request.rid)
+        await self._send(worker.index, request.to_wire())
+        return stream
+
+    async def cancel(self, stream: RequestStream) -> None:
+        """Forgets a request and tells its worker to free its sequences (no-op if already finished)."""
+        if stream.closed:
+            return
+        self._forget(stream.rid)
+        worker = self.workers.get(stream.worker)
+        if worker is not None and worker.up:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(stream.worker, {"t": protocol.CANCEL, "rid": stream.rid})
+
+    def finish(self, stream: RequestStream) -> None:
+        """A request whose worker reported its end: just forget it."""
+        self._forget(stream.rid)
+
+    def _forget(self, rid: str) -> None:
+        stream = self.streams.pop(rid, None)
+        if stream is None:
+            return
+        stream.closed = True
+        worker = self.workers.get(stream.worker)
+        if worker is not None:
+            worker.in_flight.discard(rid)
+
+    async def send_shutdown(self) -> None:
+        for worker in self.up_workers():
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(worker.index, {"t": protocol.SHUTDOWN})
+
+    async def _send(self, index: int, message: dict[str, Any]) -> None:
+        assert self._requests is not None
+        try:
+            await self._requests.send_multipart([protocol.worker_identity(index), protocol.encode(message)])
+        except zmq.ZMQError as error:  # EHOSTUNREACH: the worker is not connected
+            self.mark_down(index, f"is unreachable ({error})")
+            raise WorkerFailure(503, "worker_unavailable", "the worker is unreachable") from error
+
+    # -- background tasks -----------------------------------------------------------------------
+
+    async def _read_results(self) -> None:
+        assert self._results is not None
+        while True:
+            payload = await self._results.recv()
+            try:
+                message = protocol.decode(payload)
+                self._handle(message)
+            except Exception:  # one bad message must not stop the reader
+                log.exception("bad message from a worker")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == protocol.FRAMES:
+            for item in protocol.parse_frame_items(message):
+                stream = self.streams.get(item.rid)
+                if stream is not None:
+                    stream.queue.put_nowait(item)
+            return
+        if kind == protocol.ERROR:
+            stream = self.streams.get(message["rid"])
+            if stream is not None:
+                stream.queue.put_nowait(
+                    WorkerFailure(int(message["status"]), message["type"], message["message"])
+                )
+            return
+        index = int(message["worker"])
+        worker = self.workers.setdefault(index, WorkerState(index))
+        worker.last_seen = time.monotonic()
+        if kind == protocol.READY:
+            worker.pid = int(message["pid"])
+            worker.info = message["info"]
+            worker.up = True
+            log.info("worker %d ready (pid %d)", index, worker.pid)
+            self.ready_event.set()
+        elif kind == protocol.STATS:
+            if worker.pid and int(message.get("pid", worker.pid)) != worker.pid:
+                return  # a late heartbeat from a previous process of this index
+            worker.stats = message
+            if not worker.up and worker.info:
+                log.info("worker %d is answering again", index)
+                worker.up = True
+
+    async def _watchdog(self) -> None:
+        timeout = self.config.workers.heartbeat_timeout_seconds
+        interval = min(self.config.workers.heartbeat_interval_seconds, 0.25)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for worker in self.up_workers():
+                if now - worker.last_seen > timeout:
+                    self.mark_down(worker.index, f"stopped sending heartbeats for {timeout:.1f}s")

@@ -1,0 +1,185 @@
+"""What every route needs: config, vocabulary, chat template, dispatcher, metrics; built once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from router.dispatch import Dispatcher
+from router.errors import APIError
+from router.metrics import Metrics
+from router.templating import ChatTemplate, TemplateError
+from shared.config import Config
+from shared.models import resolve_model_path
+from shared.protocol import SamplingParams, SubmitRequest
+from shared.vocab import TokenizerError, Vocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    config: Config
+    vocab: Vocab
+    template: ChatTemplate | None
+    dispatcher: Dispatcher
+    metrics: Metrics
+    created: int
+
+    @classmethod
+    def build(cls, config: Config) -> ServerState:
+        vocab = Vocab.load(resolve_model_path(config.model))
+        source = config.model.chat_template or vocab.chat_template()
+        template = None
+        if source:
+            template = ChatTemplate(
+                source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id)
+            )
+        metrics = Metrics()
+        dispatcher = Dispatcher(config)
+        metrics.attach(dispatcher)
+        return cls(config, vocab, template, dispatcher, metrics, int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.served_name
+
+    def check_model(self, requested: str | None) -> None:
+        if requested and requested != self.model_name:
+            raise APIError(
+                404,
+                f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def info(self) -> dict[str, Any]:
+        info = self.dispatcher.model_info()
+        if not info:
+            raise APIError(503, "no worker is ready yet", "worker_unavailable")
+        return info
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        try:
+            tokens = self.vocab.tokenize(text, add_special=True, parse_special=True)
+        except TokenizerError as error:
+            raise APIError(400, str(error), param="prompt") from error
+        if len(tokens) >= 2 and tokens[0] == tokens[1] == self.vocab.bos_id:
+            tokens = tokens[1:]  # the template already wrote the BOS token
+        return tokens
+
+    def check_tokens(self, tokens: list[int], param: str) -> list[int]:
+        try:
+            self.vocab.check_ids(tokens)
+        except TokenizerError as error:
+            raise APIError(400, str(error), param=param) from error
+        return tokens
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+        extra: dict[str, Any],
+    ) -> str:
+        if self.template is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            return self.template.render(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra
+            )
+        except TemplateError as error:
+            raise APIError(400, str(error), param="messages") from error
+
+    def output_budget(self, prompt_tokens: int, requested: int | None, n: int) -> int:
+        """max_tokens for a request: the client's value capped by the config, or what the context has left.
+
+        A prompt plus an explicit max_tokens beyond the context is a 400 before anything is queued.
+        """
+        info = self.info()
+        n_ctx_seq = int(info["n_ctx_seq"])
+        if n > int(info["n_seq_max"]):
+            raise APIError(400, f"n={n} exceeds the {info['n_seq_max']} sequences a worker can run", param="n")
+        room = n_ctx_seq - prompt_tokens
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens; this model's context is {n_ctx_seq}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        cap = self.config.model.max_output_tokens
+        budget = requested if requested is not None else room
+        if cap:
+            budget = min(budget, cap)
+        if budget > room:
+            raise APIError(
+                400,
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({budget}) exceeds the context "
+                f"length {n_ctx_seq}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return budget
+
+    def admit(self) -> None:
+        """429 once the queue beyond what the workers can run at once is full."""
+        limit = self.dispatcher.capacity() + self.config.server.max_queued_requests
+        if self.dispatcher.in_flight() >= limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429, "too many requests are queued; retry later", "rate_limit_error", code="queue_full"
+            )
+
+
+def sampling_from(request: Any) -> SamplingParams:
+    """SamplingParams from a completion or chat request's fields (OpenAI's default temperature is 1)."""
+    params = SamplingParams()
+    params.temperature = 1.0 if request.temperature is None else request.temperature
+    if request.top_p is not None:
+        params.top_p = request.top_p
+    if request.top_k is not None:
+        params.top_k = request.top_k
+    if request.min_p is not None:
+        params.min_p = request.min_p
+    if request.typical_p is not None:
+        params.typical_p = request.typical_p
+    if request.repeat_penalty is not None:
+        params.repeat_penalty = request.repeat_penalty
+    if request.repeat_last_n is not None:
+        params.penalty_last_n = request.repeat_last_n
+    if request.presence_penalty is not None:
+        params.presence_penalty = request.presence_penalty
+    if request.frequency_penalty is not None:
+        params.frequency_penalty = request.frequency_penalty
+    params.seed = request.seed
+    params.logit_bias = [(int(k), float(v)) for k, v in (request.logit_bias or {}).items()]
+    return params
+
+
+def make_submit(
+    state: ServerState,
+    rid: str,
+    prompt: list[int],
+    max_tokens: int,
+    request: Any,
+    logprobs: int | None,
+    grammar: str | None = None,
+) -> SubmitRequest:
+    sampling = sampling_from(request)
+    for token, _ in sampling.logit_bias:
+        if not 0 <= token < state.vocab.n_vocab:
+            raise APIError(400, f"logit_bias token id {token} is out of range", param="logit_bias")
+    return SubmitRequest(
+        rid=rid,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        n=request.n,
+        sampling=sampling,
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+        grammar=grammar if grammar is not None else request.grammar,
+    )

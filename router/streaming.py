@@ -1,0 +1,60 @@
+"""Server-sent events and the two ways a handler consumes a Generation: as a stream or to completion.
+
+Both watch the client: a streaming response stops when starlette sees the disconnect; a non-streaming one
+polls `is_disconnected` beside the generation, so an abandoned request frees its sequences within a step
+instead of generating to max_tokens for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from router.dispatch import WorkerFailure
+from router.errors import error_body
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Frames chunks as SSE; a failure after the stream began becomes an error event, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except WorkerFailure as failure:
+        yield sse(error_body(failure.message, failure.kind, code=str(failure.status)))
+    yield SSE_DONE
+
+
+async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Runs `work`, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()

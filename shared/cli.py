@@ -1,0 +1,79 @@
+"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.config import ConfigError, load_config
+from shared.logs import setup_logging
+
+log = logging.getLogger("llamafleet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "start the configured workers and the router in one supervised service"),
+        ("router", "run only the HTTP router (workers connect to it)"),
+        ("worker", "run one llama.cpp worker"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("-C", "--config", required=True, type=Path, help="JSON config file")
+        if name == "worker":
+            command.add_argument("--index", type=int, default=0, help="worker index (e.g. GPU index)")
+        else:
+            command.add_argument("--host", help="override server.host")
+            command.add_argument("--port", type=int, help="override server.port")
+    return parser
+
+
+def _run_http(args: argparse.Namespace, supervised: bool) -> int:
+    import uvicorn
+
+    from router.app import create_app
+
+    config = load_config(args.config)
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    hooks = {}
+    if supervised:
+        from router.supervisor import Supervisor
+
+        supervisor = Supervisor(config, args.config.resolve())
+        hooks = {"on_startup": supervisor.start, "on_shutdown": supervisor.stop}
+    app = create_app(config, **hooks)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.server.drain_timeout_seconds) or None,
+        )
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.command)
+    try:
+        if args.command == "worker":
+            from worker.main import run_worker
+
+            return run_worker(load_config(args.config), args.index)
+        return _run_http(args, supervised=args.command == "serve")
+    except ConfigError as error:
+        print(f"llamafleet: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Typed configuration: the seed's JSON format (`server`, `model`, `disk_cache`) plus our `workers` section.
+
+Every section forbids unknown fields so that a misspelt key is an error naming the field and the file, not a
+setting that silently does nothing. Environment variables (`LLAMAFLEET_SERVER__PORT=9000`, nested with `__`)
+override the file, so systemd units can tweak one value without a second config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class ServerOptions(BaseModel):
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    # Requests waiting for a sequence beyond this many answer 429.
+    max_queued_requests: int = Field(default=256, ge=0)
+    # Seconds to let in-flight requests finish on SIGTERM before cancelling them.
+    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    # Disables WS /v1/responses (clients then get 426 and fall back to HTTP).
+    responses_websocket: bool = True
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+class FromPretrainedOptions(BaseModel):
+    model_config = _STRICT
+
+    repo_id: str
+    filename: str
+    additional_files: list[str] | None = None
+    local_dir: str | None = None
+    local_dir_use_symlinks: bool | Literal["auto"] = "auto"
+    cache_dir: str | None = None
+    revision: str | None = None
+
+
+class PackagedOptions(BaseModel):
+    """A model shipped inside a PyPI package (see shared/models.py for the known ones)."""
+
+    model_config = _STRICT
+
+    package: str
+    # Where assembled or converted files go; defaults to `.models/` under the working directory.
+    dest_dir: str | None = None
+
+
+class LoraOptions(BaseModel):
+    model_config = _STRICT
+
+    path: str | None = None
+    from_pretrained: FromPretrainedOptions | None = None
+    scale: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraOptions:
+        if (self.path is None) == (self.from_pretrained is None):
+            raise ValueError("exactly one of lora.path or lora.from_pretrained is required")
+        return self
+
+
+class EmbeddingCacheOptions(BaseModel):
+    model_config = _STRICT
+
+    path: str
+    max_bytes: int = Field(ge=0)
+
+
+class MTMDOptions(BaseModel):
+    model_config = _STRICT
+
+    mmproj_path: str | None = None
+    mmproj_from_pretrained: FromPretrainedOptions | None = None
+    embedding_cache: EmbeddingCacheOptions | None = None
+    allowed_media_domains: list[str] | None = None
+    allowed_local_media_path: str | None = None
+    batch_max_tokens: int = Field(default=1024, ge=1)
+    image_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    audio_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    video_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    image_timeout_seconds: float = Field(default=10.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MTMDOptions:
+        if (self.mmproj_path is None) == (self.mmproj_from_pretrained is None):
+            raise ValueError(
+                "exactly one of model.mtmd.mmproj_path or model.mtmd.mmproj_from_pretrained is required"
+            )
+        return self
+
+
+def _default_threads() -> int:
+    return max(os.cpu_count() or 1, 1)
+
+
+class ModelOptions(BaseModel):
+    model_config = _STRICT
+
+    # Sources: exactly one of path / from_pretrained / packaged.
+    path: str | None = None
+    from_pretrained: FromPretrainedOptions | None = None
+    packaged: PackagedOptions | None = None
+    alias: str | None = None
+    chat_template: str | None = None
+    loras: list[LoraOptions] = Field(default_factory=list)
+    mtmd: MTMDOptions | None = None
+    # llama_model_params
+    n_gpu_layers: int | None = None
+    split_mode: int | None = None
+    main_gpu: int | None = None
+    tensor_split: list[float] | None = None
+    vocab_only: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    kv_overrides: dict[str, bool | int | float | str] | None = None
+    # llama_context_params
+    n_ctx: int | None = Field(default=None, ge=0)
+    n_batch: int | None = Field(default=None, ge=1)
+    n_ubatch: int | None = Field(default=None, ge=1)
+    n_seq_max: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default_factory=_default_threads)
+    threads_batch: int | None = Field(default_factory=_default_threads)
+    rope_scaling_type: int | None = None
+    pooling_type: int | None = None
+    attention_type: int | None = None
+    embedding: bool | None = None
+    rope_freq_base: float | None = None
+    rope_freq_scale: float | None = None
+    yarn_ext_factor: float | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
+    yarn_orig_ctx: int | None = None
+    offload_kqv: bool | None = None
+    flash_attn: bool | None = None
+    op_offload: bool | None = None
+    swa_full: bool | None = None
+    no_perf: bool | None = None
+    type_k: int | None = None
+    type_v: int | None = None
+    max_seq_len: int | None = None
+    max_output_tokens: int | None = Field(default=None, ge=0)
+    kv_unified: bool = True
+    # Speculative decoding.
+    draft_model: Literal["prompt-lookup-decoding", "draft-mtp"] | None = None
+    draft_model_path: str | None = None
+    draft_model_from_pretrained: FromPretrainedOptions | None = None
+    draft_model_num_pred_tokens: int = 16
+    draft_model_max_ngram_size: int = 2
+    draft_model_top_k: int = Field(default=1, ge=1)
+    draft_model_p_min: float = Field(default=0.0, ge=0.0, le=1.0)
+    draft_model_max_batch_size: int | None = Field(default=None, ge=1)
+    draft_model_threads: int | None = Field(default=None, gt=0)
+    draft_model_threads_batch: int | None = Field(default=None, gt=0)
+    # Output parsing.
+    response_schema: dict[str, Any] | None = None
+    store_logits: bool = True
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _join_template_lines(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise TypeError("model.chat_template list entries must be strings")
+            return "".join(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelOptions:
+        sources = [s for s in (self.path, self.from_pretrained, self.packaged) if s is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "exactly one of model.path, model.from_pretrained or model.packaged is required"
+            )
+        if self.draft_model_path is not None and self.draft_model_from_pretrained is not None:
+            raise ValueError(
+                "model.draft_model_path and model.draft_model_from_pretrained are mutually exclusive"
+            )
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The id clients send as `model` and `/v1/models` lists."""
+        if self.alias:
+            return self.alias
+        if self.path:
+            return Path(self.path).stem
+        if self.from_pretrained:
+            return f"{self.from_pretrained.repo_id}/{self.from_pretrained.filename}"
+        assert self.packaged is not None
+        return self.packaged.package
+
+
+class DiskCacheOptions(BaseModel):
+    model_config = _STRICT
+
+    path: str
+    max_bytes: int = Field(ge=0)
+    min_tokens: int = Field(default=128, ge=1)
+
+
+class WorkerOverride(BaseModel):
+    """Per-worker settings, e.g. one GPU each: `{"env": {"CUDA_VISIBLE_DEVICES": "1"}, "main_gpu": 0}`."""
+
+    model_config = _STRICT
+
+    env: dict[str, str] = Field(default_factory=dict)
+    main_gpu: int | None = None
+    n_gpu_layers: int | None = None
+    threads: int | None = None
+    threads_batch: int | None = None
+
+
+class WorkersOptions(BaseModel):
+    model_config = _STRICT
+
+    count: int = Field(default=1, ge=1)
+    # The router binds these; workers connect. ipc:// paths default to a per-port runtime folder.
+    requests_endpoint: str | None = None
+    results_endpoint: str | None = None
+    # Environment for every worker process, then per-worker overrides by index.
+    env: dict[str, str] = Field(default_factory=dict)
+    overrides: list[WorkerOverride] = Field(default_factory=list)
+    heartbeat_interval_seconds: float = Field(default=0.25, gt=0)
+    heartbeat_timeout_seconds: float = Field(default=1.5, gt=0)
+    ready_timeout_seconds: float = Field(default=600.0, gt=0)
+    restart_backoff_seconds: float = Field(default=0.5, ge=0)
+
+    def override_for(self, index: int) -> WorkerOverride:
+        return self.overrides[index] if index < len(self.overrides) else WorkerOverride()
+
+
+class Config(BaseSettings):
+    """The whole config file; environment variables `LLAMAFLEET_<SECTION>__<FIELD>` override it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLAMAFLEET_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    server: ServerOptions = Field(default_factory=ServerOptions)
+    model: ModelOptions
+    disk_cache: DiskCacheOptions | None = None
+    workers: WorkersOptions = Field(default_factory=WorkersOptions)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it overrides what the file says.
+        return (env_settings, init_settings)
+
+    def ipc_dir(self) -> Path:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        return Path(base) / f"llamafleet-{self.server.port}"
+
+    def requests_endpoint(self) -> str:
+        return self.workers.requests_endpoint or f"ipc://{self.ipc_dir() / 'requests.sock'}"
+
+    def results_endpoint(self) -> str:
+        return self.workers.results_endpoint or f"ipc://{self.ipc_dir() / 'results.sock'}"
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validates an already-loaded mapping; errors name `source` and each bad field."""
+    try:
+        return Config(**data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads a JSON config file; relative model paths stay relative to the working directory, as the seed's."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config {file} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {file} must be a JSON object")
+    return parse_config(data, str(file))

@@ -1,0 +1,167 @@
+"""The worker process: one engine, one socket loop, a heartbeat thread.
+
+The main thread owns the DEALER (requests in) and a PUSH (results out) and alternates between draining the
+socket without blocking and running one engine step. A second thread with its own PUSH socket sends `stats`
+heartbeats, so the router hears from a worker even while a long llama_decode holds the main thread (ctypes
+releases the GIL during foreign calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from shared import protocol
+from shared.config import Config
+from shared.models import resolve_model_path
+from worker.engine import LlamaEngine
+from worker.scheduler import RequestRejected, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    """Sends the latest stats snapshot every interval until stopped."""
+
+    def __init__(self, context: zmq.Context[Any], endpoint: str, index: int, interval: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self._socket = context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 10)
+        self._socket.connect(endpoint)
+        self._index = index
+        self._interval = interval
+        self._stop_event = threading.Event()
+        self.snapshot: dict[str, Any] = {}
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            message = {"t": protocol.STATS, "worker": self._index, "pid": os.getpid(), **self.snapshot}
+            try:
+                self._socket.send(protocol.encode(message), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        self._socket.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class WorkerProcess:
+    def __init__(self, config: Config, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.stopping = False
+        self.zmq = zmq.Context()
+        self.requests = self.zmq.socket(zmq.DEALER)
+        self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
+        self.requests.setsockopt(zmq.LINGER, 0)
+        self.requests.connect(config.requests_endpoint())
+        self.results = self.zmq.socket(zmq.PUSH)
+        self.results.setsockopt(zmq.LINGER, 2000)
+        self.results.connect(config.results_endpoint())
+        self.heartbeat = Heartbeat(
+            self.zmq, config.results_endpoint(), index, config.workers.heartbeat_interval_seconds
+        )
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.results.send(protocol.encode(message))
+
+    def run(self) -> None:
+        override = self.config.workers.override_for(self.index)
+        model_path = resolve_model_path(self.config.model)
+        self.engine = LlamaEngine(self.config.model, model_path, override)
+        self.scheduler = Scheduler(self.engine)
+        self.heartbeat.snapshot = self._stats()
+        self.heartbeat.start()
+        self.send(
+            {
+                "t": protocol.READY,
+                "worker": self.index,
+                "pid": os.getpid(),
+                "model": self.config.model.served_name,
+                "info": self.engine.info.to_wire(),
+            }
+        )
+        log.info("worker %d ready: %s", self.index, self.engine.info)
+        try:
+            self._loop()
+        finally:
+            self.heartbeat.stop()
+            self.engine.close()
+            self.requests.close()
+            self.results.close()
+            self.zmq.term()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.requests, zmq.POLLIN)
+        while True:
+            if self.scheduler.idle:
+                if self.stopping:
+                    return
+                poller.poll(50)
+            self._drain()
+            result = self.scheduler.step()
+            if result.items:
+                self.send(protocol.frames_message(self.scheduler.stats.steps_total, result.items))
+            for rid, status, kind, message in result.errors:
+                self.send(protocol.error_message(rid, status, kind, message))
+            self.heartbeat.snapshot = self._stats()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                payload = self.requests.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = protocol.decode(payload)
+            except protocol.ProtocolError as error:
+                log.error("dropping a bad message: %s", error)
+                continue
+            self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == protocol.SUBMIT:
+            submit = protocol.SubmitRequest.from_wire(message)
+            if self.stopping:
+                self.send(protocol.error_message(submit.rid, 503, "unavailable", "worker is draining"))
+                return
+            try:
+                self.scheduler.submit(submit)
+            except RequestRejected as error:
+                self.send(protocol.error_message(submit.rid, error.status, error.kind, str(error)))
+        elif kind == protocol.CANCEL:
+            self.scheduler.cancel(message["rid"])
+        elif kind == protocol.SHUTDOWN:
+            self.stopping = True
+        else:
+            log.warning("unknown message type %r", kind)
+
+    def _stats(self) -> dict[str, Any]:
+        return asdict(self.scheduler.stats)
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self.stopping = True
+
+
+def run_worker(config: Config, index: int) -> int:
+    """Entry point of `llamafleet worker`: serves until SIGTERM (drains) or a shutdown message."""
+    worker = WorkerProcess(config, index)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    started = time.monotonic()
+    worker.run()
+    log.info("worker %d stopped after %.1fs", index, time.monotonic() - started)
+    return 0

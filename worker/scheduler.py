@@ -1,0 +1,404 @@
+"""Continuous batching: admit requests into sequence slots, then run steps of ONE llama_decode each.
+
+Each step carries one decode row for every running sequence plus prefill chunks of admitted prompts, within
+`n_batch`, so a long prompt stalls running streams for at most one chunk. Admission reserves KV cells for the
+prompt and every choice's `max_tokens` up front, so llama_decode never runs out of cells under load; a
+request that could never fit is refused at submit rather than blocking the queue. One request's failure
+(sampler, decode) is isolated to that request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.protocol import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FrameItem,
+    SubmitRequest,
+    TokenLogprob,
+)
+from worker.engine import LlamaEngine
+from worker.faults import FaultInjector
+from worker.sampling import SamplerChain, SamplerInitError, token_logprob
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """A submit that can never be served; `status` is the HTTP status for the client."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+@dataclass
+class Sequence:
+    """One choice of a request, bound to a llama.cpp sequence id while it runs."""
+
+    request: ActiveRequest
+    choice: int
+    seq_id: int
+    sampler: SamplerChain
+    n_past: int = 0  # tokens of this sequence already in the KV cache
+    last_token: int = -1  # sampled, not yet decoded
+    generated: int = 0
+    finished: bool = False
+    row: int = -1  # batch row whose logits this sequence samples from this step
+
+
+@dataclass
+class ActiveRequest:
+    submit: SubmitRequest
+    prompt: npt.NDArray[np.int32]
+    reserved_cells: int
+    stop_ids: frozenset[int]
+    sequences: list[Sequence] = field(default_factory=list)
+    admitted_at: float = 0.0
+
+    @property
+    def leader(self) -> Sequence:
+        return self.sequences[0]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.leader.n_past < len(self.prompt)
+
+
+@dataclass
+class SchedulerStats:
+    running_sequences: int = 0
+    running_requests: int = 0
+    queued_requests: int = 0
+    kv_cells_used: int = 0
+    kv_cells_reserved: int = 0
+    kv_cells_total: int = 0
+    seq_ids_free: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    steps_total: int = 0
+    decode_failures_total: int = 0
+    requests_failed_total: int = 0
+
+
+@dataclass
+class StepResult:
+    items: list[FrameItem]
+    # (rid, http status, error type, message) for requests that failed during the step.
+    errors: list[tuple[str, int, str, str]]
+
+
+class Scheduler:
+    """Owns the waiting queue, the running requests and the free sequence ids of one engine."""
+
+    def __init__(self, engine: LlamaEngine, faults: FaultInjector | None = None) -> None:
+        self.engine = engine
+        self.faults = faults or FaultInjector()
+        info = engine.info
+        self.n_ctx_seq = info.n_ctx_seq
+        self.kv_unified = engine.options.kv_unified
+        self.kv_capacity = info.n_ctx if self.kv_unified else info.n_ctx_seq * info.n_seq_max
+        self.free_seq_ids: deque[int] = deque(range(info.n_seq_max))
+        self.waiting: deque[ActiveRequest] = deque()
+        self.running: dict[str, ActiveRequest] = {}
+        self.reserved = 0
+        self.stats = SchedulerStats(kv_cells_total=self.kv_capacity)
+        self._step_no = 0
+        vocab = engine.vocab
+        self._eog = vocab.eog_ids
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def _check(self, submit: SubmitRequest) -> None:
+        info = self.engine.info
+        if not submit.prompt:
+            raise RequestRejected("the prompt is empty")
+        bad = next((t for t in submit.prompt if not 0 <= t < info.n_vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"prompt token id {bad} is out of range [0, {info.n_vocab})")
+        if submit.n < 1 or submit.n > info.n_seq_max:
+            raise RequestRejected(f"n={submit.n} exceeds this worker's n_seq_max {info.n_seq_max}")
+        if submit.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if len(submit.prompt) + submit.max_tokens > self.n_ctx_seq:
+            raise RequestRejected(
+                f"prompt ({len(submit.prompt)} tokens) plus max_tokens ({submit.max_tokens}) "
+                f"exceeds the context length {self.n_ctx_seq}"
+            )
+        if self._cells_needed(submit) > self.kv_capacity:
+            raise RequestRejected("the request needs more KV cells than this worker has")
+
+    def _cells_needed(self, submit: SubmitRequest) -> int:
+        if self.kv_unified:  # siblings share the prompt's cells
+            return len(submit.prompt) + submit.n * submit.max_tokens
+        return submit.n * (len(submit.prompt) + submit.max_tokens)
+
+    def submit(self, submit: SubmitRequest) -> None:
+        """Queues a request; raises RequestRejected for one that could never run."""
+        self._check(submit)
+        if submit.rid in self.running or any(r.submit.rid == submit.rid for r in self.waiting):
+            raise RequestRejected(f"duplicate request id {submit.rid}")
+        stop_ids = frozenset(submit.stop_token_ids) | (frozenset() if submit.ignore_eos else self._eog)
+        request = ActiveRequest(
+            submit=submit,
+            prompt=np.asarray(submit.prompt, dtype=np.int32),
+            reserved_cells=self._cells_needed(submit),
+            stop_ids=stop_ids,
+        )
+        self.waiting.append(request)
+
+    def cancel(self, rid: str) -> bool:
+        """Drops a request wherever it is; its sequence ids and KV cells are free on return."""
+        for request in self.waiting:
+            if request.submit.rid == rid:
+                self.waiting.remove(request)
+                return True
+        request = self.running.get(rid)
+        if request is None:
+            return False
+        self._release(request)
+        return True
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    # -- admission and release ------------------------------------------------------------------
+
+    def _admit(self, errors: list[tuple[str, int, str, str]]) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            if len(self.free_seq_ids) < request.submit.n:
+                return
+            if self.reserved + request.reserved_cells > self.kv_capacity:
+                return
+            self.waiting.popleft()
+            try:
+                self._start(request)
+            except SamplerInitError as error:
+                errors.append((request.submit.rid, 400, "invalid_request_error", str(error)))
+                self.stats.requests_failed_total += 1
+
+    def _start(self, request: ActiveRequest) -> None:
+        submit = request.submit
+        self.faults.check("sampler", submit.rid)
+        vocab_ptr = self.engine.vocab._vocab
+        samplers: list[SamplerChain] = []
+        try:
+            for choice in range(submit.n):
+                samplers.append(
+                    SamplerChain(
+                        vocab_ptr, self.engine.vocab.n_vocab, submit.sampling, submit.grammar, choice
+                    )
+                )
+        except Exception:
+            for sampler in samplers:
+                sampler.close()
+            raise
+        for choice, sampler in enumerate(samplers):
+            seq_id = self.free_seq_ids.popleft()
+            self.engine.seq_rm(seq_id)  # a slot must start empty
+            request.sequences.append(Sequence(request, choice, seq_id, sampler))
+        request.admitted_at = time.monotonic()
+        self.reserved += request.reserved_cells
+        self.running[submit.rid] = request
+        self.stats.prompt_tokens_total += len(request.prompt)
+
+    def _finish_sequence(self, seq: Sequence) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        self.engine.seq_rm(seq.seq_id)
+        seq.sampler.close()
+        self.free_seq_ids.append(seq.seq_id)
+
+    def _release(self, request: ActiveRequest) -> None:
+        for seq in request.sequences:
+            self._finish_sequence(seq)
+        if self.running.pop(request.submit.rid, None) is not None:
+            self.reserved -= request.reserved_cells
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        errors: list[tuple[str, int, str, str]] = []
+        self._admit(errors)
+        items: list[FrameItem] = []
+        if not self.running:
+            self._refresh_stats()
+            return StepResult(items, errors)
+        batch = self.engine.batch
+        batch.clear()
+        decoding: list[Sequence] = []
+        chunks: list[tuple[ActiveRequest, int, int]] = []  # request, tokens taken, logits row or -1
+        for request in self.running.values():
+            if request.prefilling:
+                continue
+            for seq in request.sequences:
+                if not seq.finished:
+                    seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
+                    decoding.append(seq)
+        for request in self.running.values():
+            if not request.prefilling or batch.free == 0:
+                continue
+            leader = request.leader
+            take = min(len(request.prompt) - leader.n_past, batch.free)
+            done = leader.n_past + take == len(request.prompt)
+            row = batch.add_chunk(
+                request.prompt[leader.n_past : leader.n_past + take], leader.n_past, leader.seq_id, done
+            )
+            chunks.append((request, take, row if done else -1))
+
+        done = self._decode(decoding, chunks, items, errors)
+        self._step_no += 1
+        self.stats.steps_total += 1
+        self._after_decode(decoding, chunks, items, errors, skip=done)
+        self._refresh_stats()
+        return StepResult(items, errors)
+
+    def _after_decode(
+        self,
+        decoding: list[Sequence],
+        chunks: list[tuple[ActiveRequest, int, int]],
+        items: list[FrameItem],
+        errors: list[tuple[str, int, str, str]],
+        skip: set[str] | None = None,
+        only: ActiveRequest | None = None,
+    ) -> None:
+        """Advances positions and samples every sequence whose rows were just decoded."""
+        skip = skip or set()
+        for seq in decoding:
+            if seq.request.submit.rid in skip or (only is not None and seq.request is not only):
+                continue
+            seq.n_past += 1
+            self._sample(seq, seq.row, items, errors)
+        for request, take, row in chunks:
+            if request.submit.rid in skip or (only is not None and request is not only):
+                continue
+            request.leader.n_past += take
+            if row < 0:
+                continue
+            for sibling in request.sequences[1:]:
+                self.engine.seq_cp(request.leader.seq_id, sibling.seq_id)
+                sibling.n_past = request.leader.n_past
+            for seq in request.sequences:
+                self._sample(seq, row, items, errors)
+
+    def _decode(
+        self,
+        decoding: list[Sequence],
+        chunks: list[tuple[ActiveRequest, int, int]],
+        items: list[FrameItem],
+        errors: list[tuple[str, int, str, str]],
+    ) -> set[str]:
+        """Runs the step's decode. On failure, undoes the batch and decodes request by request, so one
+        bad request fails alone; returns the ids already handled (failed, or sampled in the retry)."""
+        batch_rids = {s.request.submit.rid for s in decoding} | {r.submit.rid for r, _, _ in chunks}
+        injected = {rid for rid in batch_rids if self.faults.triggered("decode", rid)}
+        status = 1 if injected else self.engine.decode(self.engine.batch.size)
+        if status == 0:
+            return set()
+        self.stats.decode_failures_total += 1
+        log.warning("llama_decode failed (status %d) for a batch of %d requests", status, len(batch_rids))
+        for rid in batch_rids:
+            for seq in self.running[rid].sequences:
+                if not seq.finished:
+                    self.engine.seq_rm(seq.seq_id, seq.n_past, -1)
+        for rid in batch_rids:
+            request = self.running[rid]
+            if rid not in injected and self._decode_alone(request, decoding, chunks):
+                self._after_decode(decoding, chunks, items, errors, only=request)
+                continue
+            errors.append((rid, 500, "server_error", f"llama_decode failed (status {status})"))
+            self.stats.requests_failed_total += 1
+            self._release(request)
+        return batch_rids
+
+    def _decode_alone(
+        self,
+        request: ActiveRequest,
+        decoding: list[Sequence],
+        chunks: list[tuple[ActiveRequest, int, int]],
+    ) -> bool:
+        """Re-decodes one request's rows (rewriting the rows it samples from)."""
+        batch = self.engine.batch
+        batch.clear()
+        for seq in decoding:
+            if seq.request is request:
+                seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
+        for index, (chunk_request, take, row) in enumerate(chunks):
+            if chunk_request is request:
+                leader = request.leader
+                new_row = batch.add_chunk(
+                    request.prompt[leader.n_past : leader.n_past + take],
+                    leader.n_past,
+                    leader.seq_id,
+                    row >= 0,
+                )
+                chunks[index] = (chunk_request, take, new_row if row >= 0 else -1)
+        if self.engine.decode(batch.size) == 0:
+            return True
+        for seq in request.sequences:
+            self.engine.seq_rm(seq.seq_id, seq.n_past, -1)
+        return False
+
+    def _sample(
+        self,
+        seq: Sequence,
+        row: int,
+        items: list[FrameItem],
+        errors: list[tuple[str, int, str, str]],
+    ) -> None:
+        request = seq.request
+        submit = request.submit
+        token = seq.sampler.sample(self.engine.ctx, row)
+        seq.generated += 1
+        self.stats.generated_tokens_total += 1
+        finish: str | None = None
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] | None = None
+        if token in request.stop_ids:
+            finish = FINISH_STOP
+        else:
+            tokens = [token]
+            seq.last_token = token
+            if submit.logprobs is not None:
+                logprobs = [token_logprob(self.engine.logits_row(row), token, submit.logprobs)]
+            if seq.generated >= submit.max_tokens or seq.n_past + 1 >= self.n_ctx_seq:
+                finish = FINISH_LENGTH
+        usage = None
+        if finish is not None:
+            self._finish_sequence(seq)
+            if all(s.finished for s in request.sequences):
+                usage = {
+                    "prompt_tokens": len(request.prompt),
+                    "completion_tokens": sum(s.generated for s in request.sequences),
+                    "cached_tokens": 0,
+                }
+                self._release(request)
+        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs, finish, usage))
+
+    def _refresh_stats(self) -> None:
+        stats = self.stats
+        stats.running_requests = len(self.running)
+        stats.running_sequences = sum(
+            1 for r in self.running.values() for s in r.sequences if not s.finished
+        )
+        stats.queued_requests = len(self.waiting)
+        stats.kv_cells_reserved = self.reserved
+        if self.kv_unified:  # siblings share the prompt's cells
+            stats.kv_cells_used = sum(
+                r.leader.n_past + sum(max(0, q.n_past - len(r.prompt)) for q in r.sequences[1:])
+                for r in self.running.values()
+            )
+        else:
+            stats.kv_cells_used = sum(q.n_past for r in self.running.values() for q in r.sequences)
+        stats.seq_ids_free = len(self.free_seq_ids)
