@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.chat import create_chat_completion
@@ -68,7 +68,12 @@ def create_app(
             token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
                 return error_response(
-                    APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+                    APIError(
+                        401,
+                        "invalid or missing API key",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
                 )
         started = time.monotonic()
         state.metrics.in_flight.inc()

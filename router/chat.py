@@ -80,7 +80,9 @@ def _build_generation(state: ServerState, body: ChatCompletionRequest, http: Req
     if body.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "forced tool_choice is not supported yet", param="tool_choice")
     if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, "structured response_format is not supported yet", param="response_format")
+        raise APIError(
+            400, "structured response_format is not supported yet", param="response_format"
+        )
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     extra = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
@@ -97,10 +99,14 @@ def _build_generation(state: ServerState, body: ChatCompletionRequest, http: Req
     rid = state.dispatcher.new_request_id(prefix)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     submit = make_submit(state, rid, tokens, budget, body, logprobs)
-    return Generation(state.dispatcher, state.vocab, state.metrics, [submit], body.stop_list, "chat")
+    return Generation(
+        state.dispatcher, state.vocab, state.metrics, [submit], body.stop_list, "chat"
+    )
 
 
-async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Any:
+async def create_chat_completion(
+    state: ServerState, body: ChatCompletionRequest, http: Request
+) -> Any:
     state.check_model(body.model)
     state.admit()
     generation = _build_generation(state, body, http)
@@ -161,7 +167,9 @@ async def _stream(
     completion_id: str,
     created: int,
 ) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
+    def chunk(
+        index: int, delta: dict[str, Any], logprobs: Any, finish: str | None
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -178,7 +186,9 @@ async def _stream(
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None, None)
     async for delta in generation.events():
-        logprobs = {"content": _token_logprobs(state, delta)} if body.logprobs and delta.logprobs else None
+        logprobs = (
+            {"content": _token_logprobs(state, delta)} if body.logprobs and delta.logprobs else None
+        )
         content: dict[str, Any] = {"content": delta.text} if delta.text else {}
         yield chunk(delta.index, content, logprobs, delta.finish_reason)
     if body.include_usage:

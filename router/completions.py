@@ -38,7 +38,9 @@ class _LogprobsAccumulator:
 def _logprobs_of(state: ServerState, delta: ChoiceDelta, offset: int) -> _LogprobsAccumulator:
     """Completion-style logprobs for a delta; `offset` is the text length before it."""
     out = _LogprobsAccumulator()
-    for token, text, lp in zip(delta.token_ids, delta.token_texts, delta.logprobs or [], strict=False):
+    for token, text, lp in zip(
+        delta.token_ids, delta.token_texts, delta.logprobs or [], strict=False
+    ):
         out.tokens.append(state.vocab.piece(token).decode("utf-8", "replace"))
         out.token_logprobs.append(lp.logprob)
         out.top_logprobs.append(
@@ -68,7 +70,9 @@ def _build_generation(state: ServerState, body: CompletionRequest, http: Request
         budget = state.output_budget(len(tokens), body.max_tokens, body.n)
         rid = state.dispatcher.new_request_id(prefix)
         submits.append(make_submit(state, rid, tokens, budget, body, body.logprobs))
-    return Generation(state.dispatcher, state.vocab, state.metrics, submits, body.stop_list, "completions")
+    return Generation(
+        state.dispatcher, state.vocab, state.metrics, submits, body.stop_list, "completions"
+    )
 
 
 def _echo_text(state: ServerState, body: CompletionRequest, index: int, n: int) -> str:
@@ -96,7 +100,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, http: R
 
 
 async def _collect(
-    state: ServerState, body: CompletionRequest, generation: Generation, completion_id: str, created: int
+    state: ServerState,
+    body: CompletionRequest,
+    generation: Generation,
+    completion_id: str,
+    created: int,
 ) -> JSONResponse:
     count = len(generation.submits) * body.n
     texts = [_echo_text(state, body, i, body.n) for i in range(count)]
@@ -135,7 +143,11 @@ async def _collect(
 
 
 async def _stream(
-    state: ServerState, body: CompletionRequest, generation: Generation, completion_id: str, created: int
+    state: ServerState,
+    body: CompletionRequest,
+    generation: Generation,
+    completion_id: str,
+    created: int,
 ) -> AsyncIterator[dict[str, Any]]:
     count = len(generation.submits) * body.n
     offsets = [0] * count
@@ -146,7 +158,9 @@ async def _stream(
             "object": "text_completion",
             "created": created,
             "model": state.model_name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            ],
         }
         if body.include_usage:
             data["usage"] = None

@@ -90,6 +90,8 @@ class Dispatcher:
         self._requests = self._ctx.socket(zmq.ROUTER)
         self._requests.setsockopt(zmq.LINGER, 0)
         self._requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted worker reconnects with its old routing id: hand the id over to the new peer.
+        self._requests.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._requests.bind(self.config.requests_endpoint())
         self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
@@ -139,7 +141,9 @@ class Dispatcher:
             return
         worker.up = False
         log.warning("worker %d is down: %s", index, reason)
-        failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
+        failure = WorkerFailure(
+            503, "worker_unavailable", f"the worker serving this request {reason}"
+        )
         for rid in list(worker.in_flight):
             stream = self.streams.get(rid)
             if stream is not None:
@@ -208,7 +212,9 @@ class Dispatcher:
     async def _send(self, index: int, message: dict[str, Any]) -> None:
         assert self._requests is not None
         try:
-            await self._requests.send_multipart([protocol.worker_identity(index), protocol.encode(message)])
+            await self._requests.send_multipart(
+                [protocol.worker_identity(index), protocol.encode(message)]
+            )
         except zmq.ZMQError as error:  # EHOSTUNREACH: the worker is not connected
             self.mark_down(index, f"is unreachable ({error})")
             raise WorkerFailure(503, "worker_unavailable", "the worker is unreachable") from error

@@ -92,7 +92,9 @@ class Generation:
         for submit in self.submits:
             for c in range(submit.n):
                 choices[(submit.rid, c)] = _Choice(
-                    offsets[submit.rid] + c, IncrementalDetokenizer(self.vocab), StopMatcher(self.stops)
+                    offsets[submit.rid] + c,
+                    IncrementalDetokenizer(self.vocab),
+                    StopMatcher(self.stops),
                 )
         open_requests = {s.rid: s.n for s in self.submits}
         streams = {s.rid: s for s in self._streams}
@@ -122,7 +124,9 @@ class Generation:
                     if open_requests[item.rid] == 0:
                         del open_requests[item.rid]
                         stream = streams[item.rid]
-                        if item.finish is None:  # stopped here (stop string): free the worker's sequences
+                        if (
+                            item.finish is None
+                        ):  # stopped here (stop string): free the worker's sequences
                             await self.dispatcher.cancel(stream)
                         else:
                             self.dispatcher.finish(stream)
@@ -136,7 +140,9 @@ class Generation:
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
         choice.tokens_seen += len(item.token_ids)
-        self.usage.completion_tokens += len(item.token_ids) + (1 if item.finish == FINISH_STOP else 0)
+        self.usage.completion_tokens += len(item.token_ids) + (
+            1 if item.finish == FINISH_STOP else 0
+        )
         raw = "".join(texts)
         if item.finish is not None:
             raw += choice.detokenizer.flush()

@@ -20,18 +20,38 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
 
 # Worker stat name -> (metric name, help, is_counter)
 _WORKER_STATS = {
-    "running_sequences": ("llamafleet_worker_running_sequences", "Sequences decoding or prefilling", False),
+    "running_sequences": (
+        "llamafleet_worker_running_sequences",
+        "Sequences decoding or prefilling",
+        False,
+    ),
     "running_requests": ("llamafleet_worker_running_requests", "Requests holding sequences", False),
-    "queued_requests": ("llamafleet_worker_queued_requests", "Requests waiting for a sequence", False),
+    "queued_requests": (
+        "llamafleet_worker_queued_requests",
+        "Requests waiting for a sequence",
+        False,
+    ),
     "kv_cells_used": ("llamafleet_worker_kv_cells_used", "KV cells holding live tokens", False),
-    "kv_cells_reserved": ("llamafleet_worker_kv_cells_reserved", "KV cells reserved by admission", False),
+    "kv_cells_reserved": (
+        "llamafleet_worker_kv_cells_reserved",
+        "KV cells reserved by admission",
+        False,
+    ),
     "kv_cells_total": ("llamafleet_worker_kv_cells_total", "KV cells of the context", False),
     "seq_ids_free": ("llamafleet_worker_seq_ids_free", "Free llama.cpp sequence ids", False),
     "prompt_tokens_total": ("llamafleet_worker_prompt_tokens", "Prompt tokens admitted", True),
     "generated_tokens_total": ("llamafleet_worker_generated_tokens", "Tokens sampled", True),
     "steps_total": ("llamafleet_worker_steps", "Engine steps (llama_decode calls)", True),
-    "decode_failures_total": ("llamafleet_worker_decode_failures", "Failed llama_decode calls", True),
-    "requests_failed_total": ("llamafleet_worker_requests_failed", "Requests failed in the worker", True),
+    "decode_failures_total": (
+        "llamafleet_worker_decode_failures",
+        "Failed llama_decode calls",
+        True,
+    ),
+    "requests_failed_total": (
+        "llamafleet_worker_requests_failed",
+        "Requests failed in the worker",
+        True,
+    ),
 }
 
 
@@ -40,14 +60,21 @@ class _WorkerCollector(Collector):
         self._dispatcher = dispatcher
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        up = GaugeMetricFamily("llamafleet_worker_up", "1 while the worker is ready", labels=["worker"])
+        up = GaugeMetricFamily(
+            "llamafleet_worker_up", "1 while the worker is ready", labels=["worker"]
+        )
         in_flight = GaugeMetricFamily(
-            "llamafleet_worker_in_flight_requests", "Requests the router has sent", labels=["worker"]
+            "llamafleet_worker_in_flight_requests",
+            "Requests the router has sent",
+            labels=["worker"],
         )
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for key, (name, help_text, is_counter) in _WORKER_STATS.items():
-            family = CounterMetricFamily if is_counter else GaugeMetricFamily
-            families[key] = family(name, help_text, labels=["worker"])
+            families[key] = (
+                CounterMetricFamily(name, help_text, labels=["worker"])
+                if is_counter
+                else GaugeMetricFamily(name, help_text, labels=["worker"])
+            )
         for worker in self._dispatcher.workers.values():
             label = [str(worker.index)]
             up.add_metric(label, 1.0 if worker.up else 0.0)
@@ -65,27 +92,41 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "llamafleet_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+            "llamafleet_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
             registry=self.registry,
         )
         self.ttft = Histogram(
-            "llamafleet_time_to_first_token_seconds", "Time to first token", ["endpoint"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "llamafleet_time_to_first_token_seconds",
+            "Time to first token",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.itl = Histogram(
-            "llamafleet_inter_token_latency_seconds", "Time between tokens of a stream", ["endpoint"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "llamafleet_inter_token_latency_seconds",
+            "Time between tokens of a stream",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.e2e = Histogram(
-            "llamafleet_request_duration_seconds", "Whole request time", ["endpoint"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "llamafleet_request_duration_seconds",
+            "Whole request time",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.rejected = Counter(
-            "llamafleet_requests_rejected", "Requests refused before dispatch", ["reason"],
+            "llamafleet_requests_rejected",
+            "Requests refused before dispatch",
+            ["reason"],
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "llamafleet_router_in_flight_requests", "Requests being served by the router",
+            "llamafleet_router_in_flight_requests",
+            "Requests being served by the router",
             registry=self.registry,
         )
 

@@ -192,15 +192,21 @@ class ChatCompletionRequest(SamplingFields):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if isinstance(self.tool_choice, ToolChoiceObject) or self.tool_choice == "required":
-            if not self.tools:
-                raise ValueError("tool_choice requires tools")
+        forced = isinstance(self.tool_choice, ToolChoiceObject) or self.tool_choice == "required"
+        if forced and not self.tools:
+            raise ValueError("tool_choice requires tools")
         if isinstance(self.tool_choice, ToolChoiceObject):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names an unknown function {self.tool_choice.function.name!r}")
+                raise ValueError(
+                    f"tool_choice names an unknown function {self.tool_choice.function.name!r}"
+                )
         return self
 
     @property
     def output_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )

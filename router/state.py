@@ -63,13 +63,13 @@ class ServerState:
         return info
 
     def tokenize_prompt(self, text: str) -> list[int]:
+        # A chat template usually writes the BOS token itself: do not add a second one.
+        bos_text = self.vocab.token_text(self.vocab.bos_id) if self.vocab.add_bos else ""
+        add_special = not (bos_text and text.startswith(bos_text))
         try:
-            tokens = self.vocab.tokenize(text, add_special=True, parse_special=True)
+            return self.vocab.tokenize(text, add_special=add_special, parse_special=True)
         except TokenizerError as error:
             raise APIError(400, str(error), param="prompt") from error
-        if len(tokens) >= 2 and tokens[0] == tokens[1] == self.vocab.bos_id:
-            tokens = tokens[1:]  # the template already wrote the BOS token
-        return tokens
 
     def check_tokens(self, tokens: list[int], param: str) -> list[int]:
         try:
@@ -86,7 +86,9 @@ class ServerState:
         extra: dict[str, Any],
     ) -> str:
         if self.template is None:
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+            raise APIError(
+                400, "this model has no chat template; use /v1/completions", param="messages"
+            )
         try:
             return self.template.render(
                 messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra
@@ -102,7 +104,9 @@ class ServerState:
         info = self.info()
         n_ctx_seq = int(info["n_ctx_seq"])
         if n > int(info["n_seq_max"]):
-            raise APIError(400, f"n={n} exceeds the {info['n_seq_max']} sequences a worker can run", param="n")
+            raise APIError(
+                400, f"n={n} exceeds the {info['n_seq_max']} sequences a worker can run", param="n"
+            )
         room = n_ctx_seq - prompt_tokens
         if room < 1:
             raise APIError(
@@ -131,7 +135,10 @@ class ServerState:
         if self.dispatcher.in_flight() >= limit:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(
-                429, "too many requests are queued; retry later", "rate_limit_error", code="queue_full"
+                429,
+                "too many requests are queued; retry later",
+                "rate_limit_error",
+                code="queue_full",
             )
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from shared.config import ConfigError, load_config
@@ -34,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_http(args: argparse.Namespace, supervised: bool) -> int:
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown; a drained service should exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     from router.app import create_app
 
     config = load_config(args.config)
@@ -48,7 +64,7 @@ def _run_http(args: argparse.Namespace, supervised: bool) -> int:
         supervisor = Supervisor(config, args.config.resolve())
         hooks = {"on_startup": supervisor.start, "on_shutdown": supervisor.stop}
     app = create_app(config, **hooks)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=config.server.host,

@@ -183,9 +183,7 @@ class ModelOptions(BaseModel):
     def _one_source(self) -> ModelOptions:
         sources = [s for s in (self.path, self.from_pretrained, self.packaged) if s is not None]
         if len(sources) != 1:
-            raise ValueError(
-                "exactly one of model.path, model.from_pretrained or model.packaged is required"
-            )
+            raise ValueError("exactly one of model.path, model.from_pretrained or model.packaged is required")
         if self.draft_model_path is not None and self.draft_model_from_pretrained is not None:
             raise ValueError(
                 "model.draft_model_path and model.draft_model_from_pretrained are mutually exclusive"
@@ -248,7 +246,10 @@ class Config(BaseSettings):
     """The whole config file; environment variables `LLAMAFLEET_<SECTION>__<FIELD>` override it."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LLAMAFLEET_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+        env_prefix="LLAMAFLEET_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
     )
 
     server: ServerOptions = Field(default_factory=ServerOptions)
@@ -297,7 +298,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Reads a JSON config file; relative model paths stay relative to the working directory, as the seed's."""
+    """Reads a JSON config file; relative paths stay relative to the working directory, as the seed's."""
     file = Path(path)
     try:
         data = json.loads(file.read_text())

@@ -338,9 +338,7 @@ def _write_gguf(src_dir: Path, out: Path, dtype: Dtype, fingerprint: str) -> Non
     writer = gguf.GGUFWriter(out, arch)
     writer.add_string(FINGERPRINT_KEY, fingerprint)  # early: _stored_fingerprint scans the head
     writer.add_name(str(cfg.get("_name_or_path") or src_dir.name))
-    writer.add_file_type(
-        int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    )
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
     writer.add_context_length(int(cfg["max_position_embeddings"]))
     writer.add_embedding_length(int(cfg["hidden_size"]))
     writer.add_feed_forward_length(int(cfg["intermediate_size"]))

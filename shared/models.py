@@ -129,9 +129,7 @@ def _repo_files(options: FromPretrainedOptions) -> list[str]:
         try:
             cache = huggingface_hub.scan_cache_dir(options.cache_dir)
         except Exception:
-            raise ModelSourceError(
-                f"cannot list {options.repo_id}: {online_error}"
-            ) from online_error
+            raise ModelSourceError(f"cannot list {options.repo_id}: {online_error}") from online_error
         names: set[str] = set()
         for repo in cache.repos:
             if repo.repo_type == "model" and repo.repo_id == options.repo_id:

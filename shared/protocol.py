@@ -38,7 +38,7 @@ class ProtocolError(ValueError):
 
 def encode(message: dict[str, Any]) -> bytes:
     message["v"] = PROTOCOL_VERSION
-    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+    return bytes(msgpack.packb(message, use_bin_type=True))
 
 
 def decode(payload: bytes) -> dict[str, Any]:
@@ -142,9 +142,7 @@ def parse_frame_items(message: dict[str, Any]) -> list[FrameItem]:
     for rid, choice, tokens, logprobs, finish, usage in message["items"]:
         parsed_lp = None
         if logprobs is not None:
-            parsed_lp = [
-                TokenLogprob(lp, [(int(t), float(p)) for t, p in top]) for lp, top in logprobs
-            ]
+            parsed_lp = [TokenLogprob(lp, [(int(t), float(p)) for t, p in top]) for lp, top in logprobs]
         items.append(FrameItem(rid, choice, tokens, parsed_lp, finish, usage))
     return items
 

@@ -83,7 +83,7 @@ class Vocab:
     def close(self) -> None:
         if self._owns_model and self._model:
             llama_cpp.llama_model_free(self._model)
-            self._model = None
+            self._owns_model = False
 
     @property
     def model(self) -> llama_cpp.llama_model_p:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 
 class BatchBuffer:
@@ -48,7 +49,13 @@ class BatchBuffer:
         self.size = row + 1
         return row
 
-    def add_chunk(self, tokens: Sequence[int], start_position: int, seq_id: int, logits_last: bool) -> int:
+    def add_chunk(
+        self,
+        tokens: Sequence[int] | npt.NDArray[np.int32],
+        start_position: int,
+        seq_id: int,
+        logits_last: bool,
+    ) -> int:
         """Appends a prompt chunk; returns the index of its last row."""
         n = len(tokens)
         begin, end = self.size, self.size + n
@@ -64,10 +71,15 @@ class BatchBuffer:
     def view(self, n_tokens: int) -> llama_cpp.llama_batch:
         batch = llama_cpp.llama_batch()
         batch.n_tokens = n_tokens
-        batch.token = self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        batch.embd = None
-        batch.pos = self.positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        batch.n_seq_id = self.n_seq_ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        batch.seq_id = ctypes.cast(self._seq_id_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
-        batch.logits = self.want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # llama_cpp annotates these fields as arrays; they are plain pointers into our numpy buffers.
+        fields = {
+            "token": self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            "embd": None,
+            "pos": self.positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            "n_seq_id": self.n_seq_ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            "seq_id": ctypes.cast(self._seq_id_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),
+            "logits": self.want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        }
+        for name, value in fields.items():
+            setattr(batch, name, value)
         return batch

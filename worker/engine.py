@@ -55,16 +55,16 @@ def _kv_override_array(overrides: dict[str, bool | int | float | str]) -> Any:
         array[i].key = key.encode()
         if isinstance(value, bool):
             array[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL
-            array[i].value.val_bool = value
+            array[i].value.val_bool = value  # type: ignore[union-attr]
         elif isinstance(value, int):
             array[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-            array[i].value.val_i64 = value
+            array[i].value.val_i64 = value  # type: ignore[union-attr]
         elif isinstance(value, float):
             array[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT
-            array[i].value.val_f64 = value
+            array[i].value.val_f64 = value  # type: ignore[union-attr]
         else:
             array[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            array[i].value.val_str = value.encode()[:127]
+            array[i].value.val_str = value.encode()[:127]  # type: ignore[union-attr]
     array[len(overrides)].key = b"\0"
     return array
 
@@ -166,9 +166,14 @@ class LlamaEngine:
         self.model = model
         self.vocab = Vocab(model)
         declared_pooling = detect_pooling(self.vocab)
-        embedding = options.embedding if options.embedding is not None else declared_pooling not in (
-            None,
-            llama_cpp.LLAMA_POOLING_TYPE_NONE,
+        embedding = (
+            options.embedding
+            if options.embedding is not None
+            else declared_pooling
+            not in (
+                None,
+                llama_cpp.LLAMA_POOLING_TYPE_NONE,
+            )
         )
         pooling = options.pooling_type if options.pooling_type is not None else None
         c_params = context_params(options, override, embedding, pooling)
@@ -205,8 +210,10 @@ class LlamaEngine:
         """Rejects parameter combinations that abort the process inside llama.cpp."""
         if params.n_ubatch > params.n_batch:
             raise EngineLoadError(f"n_ubatch {params.n_ubatch} exceeds n_batch {params.n_batch}")
-        if embedding and pooling == llama_cpp.LLAMA_POOLING_TYPE_MEAN and params.n_ubatch % max(
-            params.n_seq_max, 1
+        if (
+            embedding
+            and pooling == llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            and params.n_ubatch % max(params.n_seq_max, 1)
         ):
             raise EngineLoadError(
                 f"mean pooling needs n_ubatch ({params.n_ubatch}) to be a multiple of "

@@ -8,6 +8,7 @@ releases the GIL during foreign calls).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -44,11 +45,14 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
-            message = {"t": protocol.STATS, "worker": self._index, "pid": os.getpid(), **self.snapshot}
-            try:
+            message = {
+                "t": protocol.STATS,
+                "worker": self._index,
+                "pid": os.getpid(),
+                **self.snapshot,
+            }
+            with contextlib.suppress(zmq.Again):  # the router is gone or slow: skip this beat
                 self._socket.send(protocol.encode(message), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
         self._socket.close()
 
     def stop(self) -> None:

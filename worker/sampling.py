@@ -56,14 +56,10 @@ class SamplerChain:
         if params.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
             for i, (token, bias) in enumerate(params.logit_bias):
-                biases[i].token = token
+                biases[i].token = token  # type: ignore[assignment]
                 biases[i].bias = bias
             self._add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
-        if (
-            params.repeat_penalty != 1.0
-            or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
-        ):
+        if params.repeat_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
             self._add(
                 llama_cpp.llama_sampler_init_penalties(
                     params.penalty_last_n,
@@ -116,4 +112,3 @@ def token_logprob(logits: npt.NDArray[np.float32], token: int, top_n: int) -> To
         best = best[np.argsort(-shifted[best], kind="stable")]
         top = [(int(t), float(shifted[t] - log_norm)) for t in best]
     return TokenLogprob(chosen, top)
-

@@ -161,10 +161,10 @@ class Scheduler:
             if request.submit.rid == rid:
                 self.waiting.remove(request)
                 return True
-        request = self.running.get(rid)
-        if request is None:
+        running = self.running.get(rid)
+        if running is None:
             return False
-        self._release(request)
+        self._release(running)
         return True
 
     @property
@@ -196,7 +196,11 @@ class Scheduler:
             for choice in range(submit.n):
                 samplers.append(
                     SamplerChain(
-                        vocab_ptr, self.engine.vocab.n_vocab, submit.sampling, submit.grammar, choice
+                        vocab_ptr,
+                        self.engine.vocab.n_vocab,
+                        submit.sampling,
+                        submit.grammar,
+                        choice,
                     )
                 )
         except Exception:
@@ -253,14 +257,17 @@ class Scheduler:
             take = min(len(request.prompt) - leader.n_past, batch.free)
             done = leader.n_past + take == len(request.prompt)
             row = batch.add_chunk(
-                request.prompt[leader.n_past : leader.n_past + take], leader.n_past, leader.seq_id, done
+                request.prompt[leader.n_past : leader.n_past + take],
+                leader.n_past,
+                leader.seq_id,
+                done,
             )
             chunks.append((request, take, row if done else -1))
 
-        done = self._decode(decoding, chunks, items, errors)
+        handled = self._decode(decoding, chunks, items, errors)
         self._step_no += 1
         self.stats.steps_total += 1
-        self._after_decode(decoding, chunks, items, errors, skip=done)
+        self._after_decode(decoding, chunks, items, errors, skip=handled)
         self._refresh_stats()
         return StepResult(items, errors)
 
@@ -389,9 +396,7 @@ class Scheduler:
     def _refresh_stats(self) -> None:
         stats = self.stats
         stats.running_requests = len(self.running)
-        stats.running_sequences = sum(
-            1 for r in self.running.values() for s in r.sequences if not s.finished
-        )
+        stats.running_sequences = sum(1 for r in self.running.values() for s in r.sequences if not s.finished)
         stats.queued_requests = len(self.waiting)
         stats.kv_cells_reserved = self.reserved
         if self.kv_unified:  # siblings share the prompt's cells

@@ -1,0 +1,204 @@
+"""Starts the real service (`llamafleet serve`: supervisor, router, worker processes) for a test.
+
+Each server gets its own port and its own short ipc folder, so tests can run servers side by side; on exit
+it is stopped with SIGTERM and the test checks that it exited 0 and left no worker process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """Direct children of the supervisor (its worker processes)."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(supervisor_pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(FileNotFoundError):
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return False
+
+
+@dataclass
+class Server:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    config: dict[str, Any]
+    log_path: Path
+    api_key: str = "test-key"
+    _seen_workers: set[int] = field(default_factory=set)
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def client(self, **kwargs: Any) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.v1, api_key=self.api_key, max_retries=0, **kwargs)
+
+    def http(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {},
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Samples from /metrics as {'name{labels}': value}."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def workers(self) -> list[int]:
+        pids = worker_pids(self.process.pid)
+        self._seen_workers.update(pids)
+        return pids
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                    self.workers()
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"server not healthy in {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.workers()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in self._seen_workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return code
+
+
+def model_config(model_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A small, fast model section for tests (1 thread: 2-core CI machines)."""
+    model: dict[str, Any] = {
+        "path": str(model_path),
+        "alias": "test-model",
+        "n_ctx": 2048,
+        "n_seq_max": 4,
+        "n_batch": 256,
+        "n_ubatch": 256,
+        "threads": 1,
+        "threads_batch": 1,
+    }
+    model.update(overrides)
+    return model
+
+
+@contextlib.contextmanager
+def run_server(
+    model: dict[str, Any],
+    *,
+    server: dict[str, Any] | None = None,
+    workers: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    api_key: str | None = "test-key",
+) -> Iterator[Server]:
+    run_dir = Path(tempfile.mkdtemp(prefix="lf-"))
+    port = free_port()
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_seconds": 5, **(server or {})},
+        "model": model,
+        "workers": {
+            "requests_endpoint": f"ipc://{run_dir}/req.sock",
+            "results_endpoint": f"ipc://{run_dir}/res.sock",
+            **(workers or {}),
+        },
+        **(extra or {}),
+    }
+    if api_key:
+        config["server"]["api_key"] = api_key
+    config_path = run_dir / "config.json"
+    config_path.write_text(json.dumps(config))
+    log_path = run_dir / "server.log"
+    process_env = {
+        **os.environ,
+        "OMP_WAIT_POLICY": "passive",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "serve", "-C", str(config_path)],
+            cwd=REPO,
+            env=process_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    handle = Server(f"http://127.0.0.1:{port}", process, config, log_path, api_key or "")
+    try:
+        handle.wait_healthy()
+        yield handle
+    finally:
+        code = handle.stop()
+        leftovers = [p for p in handle._seen_workers if pid_alive(p)]
+        shutil.rmtree(run_dir, ignore_errors=True)
+        assert code == 0, f"server exited with {code}"
+        assert not leftovers, f"worker processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llama_gguf: Path) -> Iterator[Server]:
+    """One server on the tiny generated model, shared by a test module."""
+    with run_server(model_config(tiny_llama_gguf)) as server:
+        yield server
