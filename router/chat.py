@@ -60,12 +60,12 @@ def _token_logprobs(state: ServerState, delta: ChoiceDelta) -> list[dict[str, An
         piece = state.vocab.piece(token)
         entries.append(
             {
-                "token": piece.decode("utf-8", "replace"),
+                "token": state.vocab.display(token),
                 "logprob": lp.logprob,
                 "bytes": list(piece),
                 "top_logprobs": [
                     {
-                        "token": state.vocab.piece(t).decode("utf-8", "replace"),
+                        "token": state.vocab.display(t),
                         "logprob": p,
                         "bytes": list(state.vocab.piece(t)),
                     }

@@ -41,11 +41,9 @@ def _logprobs_of(state: ServerState, delta: ChoiceDelta, offset: int) -> _Logpro
     for token, text, lp in zip(
         delta.token_ids, delta.token_texts, delta.logprobs or [], strict=False
     ):
-        out.tokens.append(state.vocab.piece(token).decode("utf-8", "replace"))
+        out.tokens.append(state.vocab.display(token))
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append(
-            {state.vocab.piece(t).decode("utf-8", "replace"): p for t, p in lp.top}
-        )
+        out.top_logprobs.append({state.vocab.display(t): p for t, p in lp.top})
         out.text_offset.append(offset)
         offset += len(text)
     return out

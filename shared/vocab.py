@@ -144,5 +144,14 @@ class Vocab:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[: max(n, 0)]
 
+    def display(self, token: int) -> str:
+        """A token's text for logprobs: its piece, or `bytes:\\xNN..` when the piece is not valid UTF-8
+        on its own (as OpenAI shows partial characters), so distinct tokens never share a label."""
+        piece = self.piece(token)
+        try:
+            return piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.fixtures.tiny_models import FIRST_BYTE_ID, TEXT_PIECES
 from tests.integration.server import Server, model_config, run_server
 
 
