@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ _backend_ready = False
 # ggml_log_level in this llama.cpp: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT (continues the last line).
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _llama_log = logging.getLogger("llama.cpp")
+# llama.cpp warns about harmless model quirks on every load; show them only when asked for.
+_llama_log.setLevel(os.environ.get("LLAMAFLEET_LLAMA_LOG_LEVEL", "ERROR").upper())
 
 
 @llama_cpp.llama_log_callback
