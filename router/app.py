@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.chat import create_chat_completion
 from router.completions import create_completion
+from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
 from router.errors import APIError, error_response, install_error_handlers
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.state import ServerState
@@ -113,10 +114,16 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_generation(state, body.model)
         return await create_completion(state, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_generation(state, body.model)
         return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        return await create_embeddings(state, body)
 
     return app

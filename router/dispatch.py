@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from shared import protocol
 from shared.config import Config
-from shared.protocol import FrameItem, SubmitRequest
+from shared.protocol import EmbeddingsReply, EmbedRequest, FrameItem, SubmitRequest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class Dispatcher:
         self._results.bind(self.config.results_endpoint())
         self._tasks = [
             asyncio.create_task(self._read_results(), name="dispatch-reader"),
+            asyncio.create_task(self._read_hellos(), name="dispatch-hellos"),
             asyncio.create_task(self._watchdog(), name="dispatch-watchdog"),
         ]
 
@@ -141,9 +142,7 @@ class Dispatcher:
             return
         worker.up = False
         log.warning("worker %d is down: %s", index, reason)
-        failure = WorkerFailure(
-            503, "worker_unavailable", f"the worker serving this request {reason}"
-        )
+        failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
         for rid in list(worker.in_flight):
             stream = self.streams.get(rid)
             if stream is not None:
@@ -191,6 +190,32 @@ class Dispatcher:
             with contextlib.suppress(zmq.ZMQError):
                 await self._send(stream.worker, {"t": protocol.CANCEL, "rid": stream.rid})
 
+    async def embed(self, request: EmbedRequest) -> EmbeddingsReply:
+        """Sends an embed request to the least-loaded worker and waits for its single reply.
+
+        The reply arrives on the request's stream queue where frames would, so a worker's `error` message
+        and a worker's death (`mark_down`) fail it exactly as they fail a generation.
+        """
+        worker = self.pick_worker()
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # carries the EmbeddingsReply or a WorkerFailure
+        stream = RequestStream(request.rid, worker.index, queue)
+        self.streams[request.rid] = stream
+        worker.in_flight.add(request.rid)
+        answered = False
+        try:
+            await self._send(worker.index, request.to_wire())
+            reply = await queue.get()
+            answered = True
+        finally:
+            if answered:
+                self.finish(stream)
+            else:  # the client went away (or the send failed): let the worker drop it
+                await self.cancel(stream)
+        if isinstance(reply, WorkerFailure):
+            raise reply
+        assert isinstance(reply, EmbeddingsReply)
+        return reply
+
     def finish(self, stream: RequestStream) -> None:
         """A request whose worker reported its end: just forget it."""
         self._forget(stream.rid)
@@ -212,9 +237,7 @@ class Dispatcher:
     async def _send(self, index: int, message: dict[str, Any]) -> None:
         assert self._requests is not None
         try:
-            await self._requests.send_multipart(
-                [protocol.worker_identity(index), protocol.encode(message)]
-            )
+            await self._requests.send_multipart([protocol.worker_identity(index), protocol.encode(message)])
         except zmq.ZMQError as error:  # EHOSTUNREACH: the worker is not connected
             self.mark_down(index, f"is unreachable ({error})")
             raise WorkerFailure(503, "worker_unavailable", "the worker is unreachable") from error
@@ -231,6 +254,16 @@ class Dispatcher:
             except Exception:  # one bad message must not stop the reader
                 log.exception("bad message from a worker")
 
+    async def _read_hellos(self) -> None:
+        """Workers announce `ready` on their DEALER: once it arrives here, the ROUTER can route to them."""
+        assert self._requests is not None
+        while True:
+            _identity, payload = await self._requests.recv_multipart()
+            try:
+                self._handle(protocol.decode(payload))
+            except Exception:
+                log.exception("bad message from a worker")
+
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == protocol.FRAMES:
@@ -238,6 +271,12 @@ class Dispatcher:
                 stream = self.streams.get(item.rid)
                 if stream is not None:
                     stream.queue.put_nowait(item)
+            return
+        if kind == protocol.EMBEDDINGS:
+            embed_stream = self.streams.get(message["rid"])
+            if embed_stream is not None:
+                reply_queue: asyncio.Queue[Any] = embed_stream.queue  # see `embed`
+                reply_queue.put_nowait(EmbeddingsReply.from_wire(message))
             return
         if kind == protocol.ERROR:
             stream = self.streams.get(message["rid"])

@@ -31,9 +31,7 @@ class APIError(Exception):
         self.code = code
 
 
-def error_body(
-    message: str, kind: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -78,6 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        return error_response(
-            APIError(500, f"internal error: {type(error).__name__}", "server_error")
-        )
+        return error_response(APIError(500, f"internal error: {type(error).__name__}", "server_error"))

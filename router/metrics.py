@@ -52,6 +52,16 @@ _WORKER_STATS = {
         "Requests failed in the worker",
         True,
     ),
+    "seq_ids_cached": ("llamafleet_worker_seq_ids_cached", "Sequence ids kept as prefix cache", False),
+    "kv_cells_cached": ("llamafleet_worker_kv_cells_cached", "KV cells kept as prefix cache", False),
+    "prefix_cache_lookups_total": ("llamafleet_prefix_cache_lookups", "Prefix cache lookups", True),
+    "prefix_cache_hits_total": ("llamafleet_prefix_cache_hits", "Prefix cache hits (memory)", True),
+    "prefix_cache_reused_tokens_total": (
+        "llamafleet_prefix_cache_reused_tokens",
+        "Prompt tokens served from the in-memory prefix cache",
+        True,
+    ),
+    "prefix_cache_evictions_total": ("llamafleet_prefix_cache_evictions", "Cached sequences evicted", True),
 }
 
 
@@ -60,9 +70,7 @@ class _WorkerCollector(Collector):
         self._dispatcher = dispatcher
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        up = GaugeMetricFamily(
-            "llamafleet_worker_up", "1 while the worker is ready", labels=["worker"]
-        )
+        up = GaugeMetricFamily("llamafleet_worker_up", "1 while the worker is ready", labels=["worker"])
         in_flight = GaugeMetricFamily(
             "llamafleet_worker_in_flight_requests",
             "Requests the router has sent",

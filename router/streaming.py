@@ -25,11 +25,7 @@ T = TypeVar("T")
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = (
-        data
-        if isinstance(data, str)
-        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    )
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
 
 

@@ -138,6 +138,8 @@ class ModelOptions(BaseModel):
     pooling_type: int | None = None
     attention_type: int | None = None
     embedding: bool | None = None
+    # A generation model also serves /v1/embeddings (from a second context) when this names a pooling.
+    embedding_pooling: Literal["last", "mean"] | None = None
     rope_freq_base: float | None = None
     rope_freq_scale: float | None = None
     yarn_ext_factor: float | None = None
@@ -155,6 +157,8 @@ class ModelOptions(BaseModel):
     max_seq_len: int | None = None
     max_output_tokens: int | None = Field(default=None, ge=0)
     kv_unified: bool = True
+    # Keep finished sequences' KV and reuse shared prompt prefixes (llamafleet; not in the seed).
+    prefix_cache: bool = True
     # Speculative decoding.
     draft_model: Literal["prompt-lookup-decoding", "draft-mtp"] | None = None
     draft_model_path: str | None = None

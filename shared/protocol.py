@@ -150,3 +150,40 @@ def parse_frame_items(message: dict[str, Any]) -> list[FrameItem]:
 def error_message(rid: str, status: int, kind: str, message: str) -> dict[str, Any]:
     """A request failed in the worker; `status` is the HTTP status the router should answer with."""
     return {"t": ERROR, "rid": rid, "status": status, "type": kind, "message": message}
+
+
+@dataclass
+class EmbedRequest:
+    """Embeddings for several inputs, one llama.cpp sequence each; inputs already fit the worker's limit."""
+
+    rid: str
+    inputs: list[list[int]]
+    normalize: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": EMBED, "rid": self.rid, "inputs": self.inputs, "normalize": self.normalize}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> EmbedRequest:
+        return cls(data["rid"], [list(tokens) for tokens in data["inputs"]], bool(data["normalize"]))
+
+
+@dataclass
+class EmbeddingsReply:
+    """A worker's answer to an EmbedRequest: little-endian float32 bytes per input, in input order."""
+
+    rid: str
+    vectors: list[bytes]
+    token_counts: list[int]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": EMBEDDINGS,
+            "rid": self.rid,
+            "vectors": self.vectors,
+            "token_counts": self.token_counts,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> EmbeddingsReply:
+        return cls(data["rid"], list(data["vectors"]), [int(n) for n in data["token_counts"]])

@@ -240,6 +240,9 @@ class LlamaEngine:
     def seq_cp(self, src: int, dst: int, start: int = -1, end: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, start, end)
 
+    def seq_pos_min(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+
     def seq_pos_max(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
 

@@ -23,10 +23,13 @@ import zmq
 from shared import protocol
 from shared.config import Config
 from shared.models import resolve_model_path
+from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
 from worker.scheduler import RequestRejected, Scheduler
 
 log = logging.getLogger(__name__)
+
+_EMBED_ONLY = "this is an embedding model: it serves /v1/embeddings only"
 
 
 class Heartbeat(threading.Thread):
@@ -84,22 +87,27 @@ class WorkerProcess:
         model_path = resolve_model_path(self.config.model)
         self.engine = LlamaEngine(self.config.model, model_path, override)
         self.scheduler = Scheduler(self.engine)
+        self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.snapshot = self._stats()
         self.heartbeat.start()
-        self.send(
-            {
-                "t": protocol.READY,
-                "worker": self.index,
-                "pid": os.getpid(),
-                "model": self.config.model.served_name,
-                "info": self.engine.info.to_wire(),
-            }
+        # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
+        self.requests.send(
+            protocol.encode(
+                {
+                    "t": protocol.READY,
+                    "worker": self.index,
+                    "pid": os.getpid(),
+                    "model": self.config.model.served_name,
+                    "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
+                }
+            )
         )
         log.info("worker %d ready: %s", self.index, self.engine.info)
         try:
             self._loop()
         finally:
             self.heartbeat.stop()
+            self.embeddings.close()
             self.engine.close()
             self.requests.close()
             self.results.close()
@@ -109,11 +117,13 @@ class WorkerProcess:
         poller = zmq.Poller()
         poller.register(self.requests, zmq.POLLIN)
         while True:
-            if self.scheduler.idle:
+            if self.scheduler.idle and not self.embeddings.pending:
                 if self.stopping:
                     return
                 poller.poll(50)
             self._drain()
+            for reply in self.embeddings.run():  # between steps: never inside a generation's decode
+                self.send(reply)
             result = self.scheduler.step()
             if result.items:
                 self.send(protocol.frames_message(self.scheduler.stats.steps_total, result.items))
@@ -141,12 +151,20 @@ class WorkerProcess:
             if self.stopping:
                 self.send(protocol.error_message(submit.rid, 503, "unavailable", "worker is draining"))
                 return
+            if self.engine.embedding:
+                self.send(protocol.error_message(submit.rid, 400, "invalid_request_error", _EMBED_ONLY))
+                return
             try:
                 self.scheduler.submit(submit)
             except RequestRejected as error:
                 self.send(protocol.error_message(submit.rid, error.status, error.kind, str(error)))
+        elif kind == protocol.EMBED:
+            refusal = self.embeddings.submit(protocol.EmbedRequest.from_wire(message), self.stopping)
+            if refusal is not None:
+                self.send(refusal)
         elif kind == protocol.CANCEL:
-            self.scheduler.cancel(message["rid"])
+            if not self.scheduler.cancel(message["rid"]):
+                self.embeddings.cancel(message["rid"])
         elif kind == protocol.SHUTDOWN:
             self.stopping = True
         else:

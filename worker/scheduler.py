@@ -27,6 +27,7 @@ from shared.protocol import (
 from worker.engine import LlamaEngine
 from worker.faults import FaultInjector
 from worker.sampling import SamplerChain, SamplerInitError, token_logprob
+from worker.slots import ReusePlan, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,18 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     row: int = -1  # batch row whose logits this sequence samples from this step
+    tokens: list[int] = field(default_factory=list)  # generated so far (the last one not yet decoded)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.choice == 0 and self.n_past < len(self.request.prompt)
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens whose KV this sequence's slot holds."""
+        prompt = self.request.prompt_list
+        if self.n_past <= len(prompt):
+            return prompt[: self.n_past]
+        return prompt + self.tokens[: self.n_past - len(prompt)]
 
 
 @dataclass
@@ -63,6 +76,11 @@ class ActiveRequest:
     stop_ids: frozenset[int]
     sequences: list[Sequence] = field(default_factory=list)
     admitted_at: float = 0.0
+    cached_tokens: int = 0
+
+    @property
+    def prompt_list(self) -> list[int]:
+        return self.submit.prompt
 
     @property
     def leader(self) -> Sequence:
@@ -87,6 +105,12 @@ class SchedulerStats:
     steps_total: int = 0
     decode_failures_total: int = 0
     requests_failed_total: int = 0
+    seq_ids_cached: int = 0
+    kv_cells_cached: int = 0
+    prefix_cache_lookups_total: int = 0
+    prefix_cache_hits_total: int = 0
+    prefix_cache_reused_tokens_total: int = 0
+    prefix_cache_evictions_total: int = 0
 
 
 @dataclass
@@ -106,7 +130,7 @@ class Scheduler:
         self.n_ctx_seq = info.n_ctx_seq
         self.kv_unified = engine.options.kv_unified
         self.kv_capacity = info.n_ctx if self.kv_unified else info.n_ctx_seq * info.n_seq_max
-        self.free_seq_ids: deque[int] = deque(range(info.n_seq_max))
+        self.slots = SlotTable(engine, enabled=engine.options.prefix_cache)
         self.waiting: deque[ActiveRequest] = deque()
         self.running: dict[str, ActiveRequest] = {}
         self.reserved = 0
@@ -176,18 +200,29 @@ class Scheduler:
     def _admit(self, errors: list[tuple[str, int, str, str]]) -> None:
         while self.waiting:
             request = self.waiting[0]
-            if len(self.free_seq_ids) < request.submit.n:
+            n = request.submit.n
+            if self.slots.available < n:
                 return
-            if self.reserved + request.reserved_cells > self.kv_capacity:
-                return
+            plan = self.slots.plan(request.prompt_list)
+            if plan.wait and self.running:
+                return  # the shared prefix is being prefilled right now: copy it in a step or two
+            slots, cells = n, request.reserved_cells
+            if plan.takeover:
+                slots, cells = n - 1, cells - self.slots.cached[plan.source]
+            if not self.slots.make_room(slots, cells, self.reserved, self.kv_capacity, keep=plan.source):
+                if self.running or not plan.length:
+                    return
+                plan = ReusePlan()  # nothing runs: give up the reuse rather than wait forever
+                if not self.slots.make_room(n, request.reserved_cells, self.reserved, self.kv_capacity):
+                    return
             self.waiting.popleft()
             try:
-                self._start(request)
+                self._start(request, plan)
             except SamplerInitError as error:
                 errors.append((request.submit.rid, 400, "invalid_request_error", str(error)))
                 self.stats.requests_failed_total += 1
 
-    def _start(self, request: ActiveRequest) -> None:
+    def _start(self, request: ActiveRequest, plan: ReusePlan) -> None:
         submit = request.submit
         self.faults.check("sampler", submit.rid)
         vocab_ptr = self.engine.vocab._vocab
@@ -196,11 +231,7 @@ class Scheduler:
             for choice in range(submit.n):
                 samplers.append(
                     SamplerChain(
-                        vocab_ptr,
-                        self.engine.vocab.n_vocab,
-                        submit.sampling,
-                        submit.grammar,
-                        choice,
+                        vocab_ptr, self.engine.vocab.n_vocab, submit.sampling, submit.grammar, choice
                     )
                 )
         except Exception:
@@ -208,25 +239,30 @@ class Scheduler:
                 sampler.close()
             raise
         for choice, sampler in enumerate(samplers):
-            seq_id = self.free_seq_ids.popleft()
-            self.engine.seq_rm(seq_id)  # a slot must start empty
-            request.sequences.append(Sequence(request, choice, seq_id, sampler))
+            seq = Sequence(request, choice, -1, sampler)
+            if choice == 0:
+                seq.seq_id = self.slots.acquire(plan, request.prompt_list, seq)
+                seq.n_past = plan.length
+            else:
+                seq.seq_id = self.slots.acquire_empty(seq)
+            request.sequences.append(seq)
+        request.cached_tokens = plan.length
         request.admitted_at = time.monotonic()
         self.reserved += request.reserved_cells
         self.running[submit.rid] = request
         self.stats.prompt_tokens_total += len(request.prompt)
 
-    def _finish_sequence(self, seq: Sequence) -> None:
+    def _finish_sequence(self, seq: Sequence, keep_kv: bool = True) -> None:
+        """Ends a sequence; its slot's KV stays as prefix cache unless `keep_kv` is False."""
         if seq.finished:
             return
         seq.finished = True
-        self.engine.seq_rm(seq.seq_id)
         seq.sampler.close()
-        self.free_seq_ids.append(seq.seq_id)
+        self.slots.release(seq.seq_id, seq.kv_tokens() if keep_kv else None)
 
-    def _release(self, request: ActiveRequest) -> None:
+    def _release(self, request: ActiveRequest, keep_kv: bool = True) -> None:
         for seq in request.sequences:
-            self._finish_sequence(seq)
+            self._finish_sequence(seq, keep_kv)
         if self.running.pop(request.submit.rid, None) is not None:
             self.reserved -= request.reserved_cells
 
@@ -326,7 +362,7 @@ class Scheduler:
                 continue
             errors.append((rid, 500, "server_error", f"llama_decode failed (status {status})"))
             self.stats.requests_failed_total += 1
-            self._release(request)
+            self._release(request, keep_kv=False)
         return batch_rids
 
     def _decode_alone(
@@ -377,6 +413,7 @@ class Scheduler:
         else:
             tokens = [token]
             seq.last_token = token
+            seq.tokens.append(token)
             if submit.logprobs is not None:
                 logprobs = [token_logprob(self.engine.logits_row(row), token, submit.logprobs)]
             if seq.generated >= submit.max_tokens or seq.n_past + 1 >= self.n_ctx_seq:
@@ -388,7 +425,7 @@ class Scheduler:
                 usage = {
                     "prompt_tokens": len(request.prompt),
                     "completion_tokens": sum(s.generated for s in request.sequences),
-                    "cached_tokens": 0,
+                    "cached_tokens": request.cached_tokens,
                 }
                 self._release(request)
         items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs, finish, usage))
@@ -406,4 +443,11 @@ class Scheduler:
             )
         else:
             stats.kv_cells_used = sum(q.n_past for r in self.running.values() for q in r.sequences)
-        stats.seq_ids_free = len(self.free_seq_ids)
+        slots = self.slots
+        stats.seq_ids_free = slots.available
+        stats.seq_ids_cached = len(slots.cached)
+        stats.kv_cells_cached = slots.cached_cells
+        stats.prefix_cache_lookups_total = slots.stats.lookups
+        stats.prefix_cache_hits_total = slots.stats.hits
+        stats.prefix_cache_reused_tokens_total = slots.stats.reused_tokens
+        stats.prefix_cache_evictions_total = slots.stats.evictions

@@ -90,6 +90,16 @@ class Server:
                 samples[name] = float(value)
         return samples
 
+    def wait_metric(self, name: str, at_least: float, timeout: float = 5.0) -> float:
+        """Polls /metrics until `name` reaches `at_least` (worker stats arrive with heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metrics().get(name, float("-inf"))
+            if value >= at_least:
+                return value
+            assert time.monotonic() < deadline, f"{name} = {value}, expected >= {at_least}"
+            time.sleep(0.1)
+
     def workers(self) -> list[int]:
         pids = worker_pids(self.process.pid)
         self._seen_workers.update(pids)
@@ -102,9 +112,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}"
-                )
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
                     self.workers()

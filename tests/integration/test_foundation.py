@@ -27,9 +27,7 @@ def test_models_and_health(tiny_server: Server) -> None:
 def test_chat_stream_equals_non_stream(tiny_server: Server) -> None:
     client = tiny_server.client()
     messages = [{"role": "user", "content": "hello world"}]
-    full = client.chat.completions.create(
-        model="test-model", messages=messages, max_tokens=24, temperature=0
-    )
+    full = client.chat.completions.create(model="test-model", messages=messages, max_tokens=24, temperature=0)
     assert full.choices[0].finish_reason == "length"
     assert full.usage is not None and full.usage.completion_tokens == 24
     chunks = list(
@@ -45,18 +43,16 @@ def test_chat_stream_equals_non_stream(tiny_server: Server) -> None:
 
 def test_completion_with_token_prompt(tiny_server: Server) -> None:
     client = tiny_server.client()
-    by_text = client.completions.create(
-        model="test-model", prompt="hello", max_tokens=8, temperature=0
-    )
+    by_text = client.completions.create(model="test-model", prompt="hello", max_tokens=8, temperature=0)
     assert by_text.usage is not None and by_text.usage.completion_tokens == 8
     assert by_text.choices[0].finish_reason == "length"
     # The same prompt as token ids (BOS + "▁hello" in the tiny vocab) gives the same greedy text.
+    hello = FIRST_BYTE_ID + 256 + TEXT_PIECES.index("▁hello")
     with tiny_server.http() as http:
-        tokens = http.post(
-            "/v1/completions", json={"prompt": [1, 265], "max_tokens": 8, "temperature": 0}
-        )
+        tokens = http.post("/v1/completions", json={"prompt": [1, hello], "max_tokens": 8, "temperature": 0})
     assert tokens.status_code == 200, tokens.text
     assert tokens.json()["usage"]["prompt_tokens"] == 2
+    assert tokens.json()["choices"][0]["text"] == by_text.choices[0].text
 
 
 @pytest.mark.parametrize(
@@ -80,9 +76,7 @@ def test_completion_with_token_prompt(tiny_server: Server) -> None:
         ),
     ],
 )
-def test_bad_chat_requests_are_4xx(
-    tiny_server: Server, body: dict, status: int, param_hint: str
-) -> None:
+def test_bad_chat_requests_are_4xx(tiny_server: Server, body: dict, status: int, param_hint: str) -> None:
     with tiny_server.http() as http:
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
@@ -98,10 +92,7 @@ def test_bad_completion_requests_are_400(tiny_server: Server) -> None:
             "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
         )
         suffix = http.post("/v1/completions", json={"prompt": "a", "suffix": "b"})
-    assert (
-        out_of_range.status_code == 400
-        and "out of range" in out_of_range.json()["error"]["message"]
-    )
+    assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["error"]["message"]
     assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
     assert suffix.status_code == 400 and "suffix" in suffix.json()["error"]["message"]
 

@@ -59,7 +59,9 @@ def hub_cache(tmp_path: Path, tiny_llama_gguf: Path, monkeypatch: pytest.MonkeyP
 
 def test_from_pretrained_resolves_offline(hub_cache: Path) -> None:
     exact = resolve_from_pretrained(
-        FromPretrainedOptions(repo_id="tiny-org/tiny-llama-GGUF", filename="tiny-F32.gguf", cache_dir=str(hub_cache))
+        FromPretrainedOptions(
+            repo_id="tiny-org/tiny-llama-GGUF", filename="tiny-F32.gguf", cache_dir=str(hub_cache)
+        )
     )
     assert exact.name == "tiny-F32.gguf" and exact.is_file()
     globbed = resolve_from_pretrained(
@@ -80,7 +82,9 @@ def test_from_pretrained_resolves_offline(hub_cache: Path) -> None:
     assert (split.parent / "tiny-00002-of-00002.gguf").is_file()
     with pytest.raises(ModelSourceError, match="2 files"):
         resolve_from_pretrained(
-            FromPretrainedOptions(repo_id="tiny-org/tiny-llama-GGUF", filename="tiny-*.gguf", cache_dir=str(hub_cache))
+            FromPretrainedOptions(
+                repo_id="tiny-org/tiny-llama-GGUF", filename="tiny-*.gguf", cache_dir=str(hub_cache)
+            )
         )
     with pytest.raises(ModelSourceError):
         resolve_from_pretrained(
@@ -153,14 +157,20 @@ def test_router_and_worker_as_separate_processes_over_tcp(tmp_path: Path, tiny_l
 
 def test_sigterm_drains_in_flight_requests(tiny_llama_gguf: Path) -> None:
     # A request of a second or two; the drain allows 30 s.
-    with run_server(model_config(tiny_llama_gguf, n_ctx=4096), server={"drain_timeout_seconds": 30}) as server:
+    with run_server(
+        model_config(tiny_llama_gguf, n_ctx=4096), server={"drain_timeout_seconds": 30}
+    ) as server:
         results: dict[str, httpx.Response] = {}
 
         def long_request() -> None:
             with server.http() as http:
                 results["reply"] = http.post(
                     "/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "ignore_eos": True},
+                    json={
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 3000,
+                        "ignore_eos": True,
+                    },
                 )
 
         thread = threading.Thread(target=long_request)

@@ -65,7 +65,9 @@ def test_bad_json_and_missing_file(tmp_path: Path) -> None:
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMAFLEET_SERVER__PORT", "9123")
     monkeypatch.setenv("LLAMAFLEET_MODEL__N_CTX", "1024")
-    config = parse_config({"server": {"host": "0.0.0.0", "port": 8000}, "model": {"path": "m.gguf", "n_ctx": 8}})
+    config = parse_config(
+        {"server": {"host": "0.0.0.0", "port": 8000}, "model": {"path": "m.gguf", "n_ctx": 8}}
+    )
     assert config.server.port == 9123 and config.server.host == "0.0.0.0"
     assert config.model.n_ctx == 1024 and config.model.path == "m.gguf"
 
@@ -87,7 +89,10 @@ def test_cli_reports_bad_config_and_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"model": {"path": "m.gguf", "threadz": 2}}))
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "serve", "-C", str(path)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "shared.cli", "serve", "-C", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert result.returncode == 2
     assert "model.threadz: unknown field" in result.stderr and str(path) in result.stderr

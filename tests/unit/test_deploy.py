@@ -181,9 +181,7 @@ def _env_example() -> dict[str, str]:
 def test_env_example_overrides_are_real_config_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     config = pytest.importorskip("shared.config")
     # LLAMAFLEET_<SECTION>__<FIELD> only: LLAMAFLEET_MODELS_DIR and the like are not config fields.
-    overrides = {
-        k: v for k, v in _env_example().items() if k.startswith("LLAMAFLEET_") and "__" in k
-    }
+    overrides = {k: v for k, v in _env_example().items() if k.startswith("LLAMAFLEET_") and "__" in k}
     assert {"LLAMAFLEET_SERVER__PORT", "LLAMAFLEET_SERVER__API_KEY"} <= overrides.keys()
     for key, value in overrides.items():
         monkeypatch.setenv(key, value)

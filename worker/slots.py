@@ -1,0 +1,173 @@
+"""Sequence slots (llama.cpp sequence ids) and the KV they keep as prefix cache.
+
+A slot is free (no KV), running (owned by a sequence of a running request) or cached (its request ended;
+its KV stays, registered in the radix tree, until the memory is needed). Admission asks `plan()` for the
+best reuse of a prompt's prefix: take over a cached slot (truncating its KV to the shared length) or copy
+the shared cells from any slot into a fresh one (`llama_memory_seq_cp`, free in a unified KV cache). Cached
+slots are evicted least-recently-used first, and only ever to make room for live work.
+
+What llama.cpp can reuse depends on the memory: attention KV (and sliding-window KV kept full, llama.cpp's
+default `swa_full`) truncates to any length; recurrent / hybrid state cannot be truncated, so it is reused
+only when the whole cached state is a prefix of the new prompt; anything else falls back to prefilling.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.engine import LlamaEngine
+from worker.prefix_cache import RadixTree
+
+# Reusing fewer tokens than this is not worth a copy, nor giving up another cached entry for.
+MIN_REUSE_TOKENS = 16
+# Wait for a prompt being prefilled elsewhere when it will share at least this many more tokens.
+MIN_WAIT_GAIN = 64
+
+
+class KVHolder(Protocol):
+    """What the slot table needs of a running sequence: how many of its tokens are in the KV already."""
+
+    n_past: int
+
+    @property
+    def prefilling(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """How a new request's leader slot gets its first `length` prompt tokens without prefilling them."""
+
+    length: int = 0
+    source: int = -1  # slot holding them; -1: none
+    takeover: bool = False  # the source is a cached slot that becomes the leader's slot
+    wait: bool = False  # a prompt being prefilled will soon share much more: admit later
+
+
+@dataclass
+class SlotStats:
+    lookups: int = 0
+    hits: int = 0
+    reused_tokens: int = 0
+    evictions: int = 0
+
+
+class SlotTable:
+    def __init__(self, engine: LlamaEngine, enabled: bool = True) -> None:
+        self.engine = engine
+        self.enabled = enabled
+        info = engine.info
+        self.free: deque[int] = deque(range(info.n_seq_max))
+        self.cached: OrderedDict[int, int] = OrderedDict()  # slot -> cells, least recently used first
+        self.running: dict[int, KVHolder] = {}
+        self.tree = RadixTree()
+        self.can_truncate = not info.recurrent
+        self.can_copy = engine.options.kv_unified and not info.recurrent
+        self.stats = SlotStats()
+
+    # -- accounting ---------------------------------------------------------------------------------
+
+    @property
+    def cached_cells(self) -> int:
+        return sum(self.cached.values())
+
+    @property
+    def available(self) -> int:
+        """Slots a new request could get (free now or by evicting cache)."""
+        return len(self.free) + len(self.cached)
+
+    # -- reuse ----------------------------------------------------------------------------------------
+
+    def plan(self, prompt: list[int]) -> ReusePlan:
+        """The best way to reuse cached KV for `prompt` (always leaving one token to prefill for logits)."""
+        if not self.enabled:
+            return ReusePlan()
+        self.stats.lookups += 1
+        match = self.tree.longest_match(prompt)
+        limit = min(match.length, len(prompt) - 1)
+        best = ReusePlan()
+        pending = 0
+        for slot in match.holders:
+            if slot in self.cached:
+                registered = len(self.tree.tokens_of(slot))
+                if limit < registered and not self.can_truncate:
+                    continue  # recurrent state: only the whole state is reusable
+                if limit < MIN_REUSE_TOKENS or not self._complete_from_start(slot):
+                    continue
+                candidate = ReusePlan(limit, slot, takeover=True)
+            else:
+                holder = self.running.get(slot)
+                if holder is None or not self.can_copy:
+                    continue
+                usable = min(limit, holder.n_past)
+                if holder.prefilling:
+                    pending = max(pending, limit - usable)
+                if usable < MIN_REUSE_TOKENS:
+                    continue
+                candidate = ReusePlan(usable, slot)
+            if (candidate.length, candidate.takeover) > (best.length, best.takeover):
+                best = candidate
+        if pending - best.length >= MIN_WAIT_GAIN:
+            return ReusePlan(wait=True)
+        return best
+
+    def _complete_from_start(self, slot: int) -> bool:
+        """False when llama.cpp dropped the oldest cells (sliding window without swa_full)."""
+        return bool(self.engine.seq_pos_min(slot) <= 0)
+
+    # -- allocation -----------------------------------------------------------------------------------
+
+    def make_room(self, slots: int, cells: int, reserved: int, capacity: int, keep: int = -1) -> bool:
+        """Evicts cached slots (LRU, sparing `keep`) until `slots` free slots and `cells` cells fit."""
+        while len(self.free) < slots or reserved + self.cached_cells + cells > capacity:
+            victim = next((s for s in self.cached if s != keep), None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _evict(self, slot: int) -> None:
+        self.cached.pop(slot)
+        self.tree.remove(slot)
+        self.engine.seq_rm(slot)
+        self.free.append(slot)
+        self.stats.evictions += 1
+
+    def acquire(self, plan: ReusePlan, prompt: list[int], holder: KVHolder) -> int:
+        """A slot for a request's leader, holding the plan's reused prefix; registers the prompt."""
+        if plan.takeover:
+            slot = plan.source
+            self.cached.pop(slot)
+            registered = len(self.tree.tokens_of(slot))
+            if plan.length < registered:
+                self.engine.seq_rm(slot, plan.length, -1)
+        else:
+            slot = self.free.popleft()
+            self.engine.seq_rm(slot)
+            if plan.length:
+                self.engine.seq_cp(plan.source, slot, 0, plan.length)
+        if plan.length:
+            self.stats.hits += 1
+            self.stats.reused_tokens += plan.length
+        self.running[slot] = holder
+        if self.enabled:
+            self.tree.insert(slot, prompt)
+        return slot
+
+    def acquire_empty(self, holder: KVHolder) -> int:
+        slot = self.free.popleft()
+        self.engine.seq_rm(slot)
+        self.running[slot] = holder
+        return slot
+
+    def release(self, slot: int, kv_tokens: list[int] | None) -> None:
+        """A sequence ended: keep its KV as cache (`kv_tokens` are what it holds) or free the slot."""
+        self.running.pop(slot, None)
+        if self.enabled and kv_tokens:
+            self.tree.insert(slot, kv_tokens)
+            self.cached[slot] = len(kv_tokens)
+            return
+        self.tree.remove(slot)
+        self.engine.seq_rm(slot)
+        self.free.append(slot)
