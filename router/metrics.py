@@ -62,6 +62,21 @@ _WORKER_STATS = {
         True,
     ),
     "prefix_cache_evictions_total": ("llamafleet_prefix_cache_evictions", "Cached sequences evicted", True),
+    "disk_cache_lookups_total": ("llamafleet_disk_cache_lookups", "Disk cache lookups", True),
+    "disk_cache_restores_total": ("llamafleet_disk_cache_restores", "Prefixes restored from disk", True),
+    "disk_cache_restored_tokens_total": (
+        "llamafleet_disk_cache_restored_tokens",
+        "Prompt tokens served from the disk cache",
+        True,
+    ),
+    "disk_cache_saves_total": ("llamafleet_disk_cache_saves", "Prefixes written to disk", True),
+    "disk_cache_evictions_total": ("llamafleet_disk_cache_evictions", "Disk entries removed by LRU", True),
+    "disk_cache_corrupt_removed_total": (
+        "llamafleet_disk_cache_invalid_removed",
+        "Corrupt or foreign disk entries removed",
+        True,
+    ),
+    "disk_cache_bytes": ("llamafleet_disk_cache_bytes", "Bytes in the disk cache folder", False),
 }
 
 

@@ -25,6 +25,7 @@ from shared.config import Config
 from shared.models import resolve_model_path
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
+from worker.disk_tier import DiskTier
 from worker.scheduler import RequestRejected, Scheduler
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,10 @@ class WorkerProcess:
         override = self.config.workers.override_for(self.index)
         model_path = resolve_model_path(self.config.model)
         self.engine = LlamaEngine(self.config.model, model_path, override)
-        self.scheduler = Scheduler(self.engine)
+        disk = None
+        if self.config.disk_cache is not None and not self.engine.embedding:
+            disk = DiskTier(self.engine, self.config.disk_cache, model_path)
+        self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.snapshot = self._stats()
         self.heartbeat.start()
@@ -108,6 +112,7 @@ class WorkerProcess:
         finally:
             self.heartbeat.stop()
             self.embeddings.close()
+            self.scheduler.close()
             self.engine.close()
             self.requests.close()
             self.results.close()

@@ -24,6 +24,7 @@ from shared.protocol import (
     SubmitRequest,
     TokenLogprob,
 )
+from worker.disk_tier import DiskTier
 from worker.engine import LlamaEngine
 from worker.faults import FaultInjector
 from worker.sampling import SamplerChain, SamplerInitError, token_logprob
@@ -111,6 +112,13 @@ class SchedulerStats:
     prefix_cache_hits_total: int = 0
     prefix_cache_reused_tokens_total: int = 0
     prefix_cache_evictions_total: int = 0
+    disk_cache_lookups_total: int = 0
+    disk_cache_restores_total: int = 0
+    disk_cache_restored_tokens_total: int = 0
+    disk_cache_saves_total: int = 0
+    disk_cache_evictions_total: int = 0
+    disk_cache_corrupt_removed_total: int = 0
+    disk_cache_bytes: int = 0
 
 
 @dataclass
@@ -123,8 +131,11 @@ class StepResult:
 class Scheduler:
     """Owns the waiting queue, the running requests and the free sequence ids of one engine."""
 
-    def __init__(self, engine: LlamaEngine, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, engine: LlamaEngine, faults: FaultInjector | None = None, disk: DiskTier | None = None
+    ) -> None:
         self.engine = engine
+        self.disk = disk
         self.faults = faults or FaultInjector()
         info = engine.info
         self.n_ctx_seq = info.n_ctx_seq
@@ -243,10 +254,12 @@ class Scheduler:
             if choice == 0:
                 seq.seq_id = self.slots.acquire(plan, request.prompt_list, seq)
                 seq.n_past = plan.length
+                if self.disk is not None:  # the disk may hold a longer prefix than memory
+                    seq.n_past = self.disk.restore(seq.seq_id, request.prompt_list, plan.length)
             else:
                 seq.seq_id = self.slots.acquire_empty(seq)
             request.sequences.append(seq)
-        request.cached_tokens = plan.length
+        request.cached_tokens = request.leader.n_past
         request.admitted_at = time.monotonic()
         self.reserved += request.reserved_cells
         self.running[submit.rid] = request
@@ -329,6 +342,8 @@ class Scheduler:
             request.leader.n_past += take
             if row < 0:
                 continue
+            if self.disk is not None:  # the slot holds exactly the prompt right now
+                self.disk.save(request.leader.seq_id, request.prompt_list)
             for sibling in request.sequences[1:]:
                 self.engine.seq_cp(request.leader.seq_id, sibling.seq_id)
                 sibling.n_past = request.leader.n_past
@@ -451,3 +466,19 @@ class Scheduler:
         stats.prefix_cache_hits_total = slots.stats.hits
         stats.prefix_cache_reused_tokens_total = slots.stats.reused_tokens
         stats.prefix_cache_evictions_total = slots.stats.evictions
+        if self.disk is not None:
+            disk = self.disk.cache.stats
+            stats.disk_cache_lookups_total = disk.lookups
+            stats.disk_cache_restores_total = self.disk.stats.restores
+            stats.disk_cache_restored_tokens_total = self.disk.stats.restored_tokens
+            stats.disk_cache_saves_total = disk.saves
+            stats.disk_cache_evictions_total = disk.evictions
+            stats.disk_cache_corrupt_removed_total = disk.corrupt_removed + disk.foreign_removed
+            stats.disk_cache_bytes = disk.bytes_on_disk
+
+    def close(self) -> None:
+        """Ends every request and waits for pending disk-cache writes."""
+        for request in list(self.running.values()):
+            self._release(request, keep_kv=False)
+        if self.disk is not None:
+            self.disk.close()

@@ -124,3 +124,36 @@ def test_eviction_under_memory_pressure(tiny_llama_gguf: Path) -> None:
         assert again == outputs[5] and again_cached > 0
         server.wait_metric('llamafleet_prefix_cache_evictions_total{worker="0"}', 3)
         server.wait_metric('llamafleet_prefix_cache_hits_total{worker="0"}', 1)
+
+
+def test_disk_cache_survives_a_restart(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    model = model_config(tiny_llama_gguf, n_ctx=4096, flash_attn=False)
+    disk = {"disk_cache": {"path": str(tmp_path / "seq"), "max_bytes": 64 << 20, "min_tokens": 32}}
+    prompt = long_text(100, salt=2)
+    with run_server(model, extra=disk) as server:
+        first, first_cached = text_and_cached(complete(server, prompt))
+        server.wait_metric('llamafleet_disk_cache_saves_total{worker="0"}', 1)
+    assert first_cached == 0
+    files = list((tmp_path / "seq").glob("*.seq"))
+    assert len(files) == 1
+    (tmp_path / "seq" / "999-0123456789abcdef0123456789abcdef.seq").write_bytes(b"not a sequence state")
+    with run_server(model, extra=disk) as server:
+        again, again_cached = text_and_cached(complete(server, prompt))
+        server.wait_metric('llamafleet_disk_cache_restores_total{worker="0"}', 1)
+        server.wait_metric('llamafleet_disk_cache_invalid_removed_total{worker="0"}', 1)
+        # A longer prompt (the next turn) also starts from the saved prefix.
+        longer, longer_cached = text_and_cached(complete(server, prompt + " and more"))
+    assert again == first
+    assert again_cached == complete_tokens(tiny_llama_gguf, prompt) - 1
+    assert longer_cached >= again_cached
+    assert not (tmp_path / "seq" / "999-0123456789abcdef0123456789abcdef.seq").exists()
+
+
+def complete_tokens(model_path: Path, text: str) -> int:
+    from shared.vocab import Vocab
+
+    vocab = Vocab.load(model_path)
+    try:
+        return len(vocab.tokenize(text, add_special=True, parse_special=True))
+    finally:
+        vocab.close()
