@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from router.routing import PrefixRouter
 from shared import protocol
 from shared.config import Config
 from shared.protocol import EmbeddingsReply, EmbedRequest, FrameItem, SubmitRequest
@@ -47,6 +48,14 @@ class WorkerState:
     last_seen: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
+
+    @property
+    def load(self) -> int:
+        return len(self.in_flight)
+
+    @property
+    def slots(self) -> int:
+        return int(self.info.get("n_seq_max", 1))
 
 
 class RequestStream:
@@ -82,6 +91,7 @@ class Dispatcher:
         self._results: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready_event = asyncio.Event()
+        self.router = PrefixRouter(enabled=config.workers.routing == "prefix")
 
     async def start(self) -> None:
         for endpoint in (self.config.requests_endpoint(), self.config.results_endpoint()):
@@ -141,6 +151,7 @@ class Dispatcher:
         if worker is None or not worker.up:
             return
         worker.up = False
+        self.router.forget_worker(index)
         log.warning("worker %d is down: %s", index, reason)
         failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
         for rid in list(worker.in_flight):
@@ -149,12 +160,17 @@ class Dispatcher:
                 stream.queue.put_nowait(failure)
         worker.in_flight.clear()
 
-    def pick_worker(self) -> WorkerState:
-        """The least-loaded ready worker."""
+    def pick_worker(self, prompt: list[int] | None = None) -> WorkerState:
+        """The worker most likely to hold the prompt's prefix, else the least-loaded ready one."""
         candidates = self.up_workers()
         if not candidates:
             raise WorkerFailure(503, "worker_unavailable", "no worker is ready to serve requests")
-        return min(candidates, key=lambda w: (len(w.in_flight), w.index))
+        if prompt is None:
+            return min(candidates, key=lambda w: (w.load, w.index))
+        chosen = self.router.choose(prompt, candidates)
+        assert isinstance(chosen, WorkerState)
+        self.router.record(prompt, chosen.index)
+        return chosen
 
     def capacity(self) -> int:
         """Sequences the ready workers can run at once."""
@@ -173,7 +189,7 @@ class Dispatcher:
         request: SubmitRequest,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
     ) -> RequestStream:
-        worker = self.pick_worker()
+        worker = self.pick_worker(request.prompt)
         stream = RequestStream(request.rid, worker.index, queue)
         self.streams[request.rid] = stream
         worker.in_flight.add(request.rid)

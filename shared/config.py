@@ -241,6 +241,9 @@ class WorkersOptions(BaseModel):
     heartbeat_timeout_seconds: float = Field(default=1.5, gt=0)
     ready_timeout_seconds: float = Field(default=600.0, gt=0)
     restart_backoff_seconds: float = Field(default=0.5, ge=0)
+    # "prefix": send a request to the worker that saw its longest prompt prefix (prefix-cache hits) unless
+    # that worker is full; "least_loaded": ignore prefixes.
+    routing: Literal["prefix", "least_loaded"] = "prefix"
 
     def override_for(self, index: int) -> WorkerOverride:
         return self.overrides[index] if index < len(self.overrides) else WorkerOverride()

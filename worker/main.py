@@ -23,9 +23,9 @@ import zmq
 from shared import protocol
 from shared.config import Config
 from shared.models import resolve_model_path
+from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
-from worker.disk_tier import DiskTier
 from worker.scheduler import RequestRejected, Scheduler
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.radix import RadixTree
 from worker.engine import LlamaEngine
-from worker.prefix_cache import RadixTree
 
 # Reusing fewer tokens than this is not worth a copy, nor giving up another cached entry for.
 MIN_REUSE_TOKENS = 16

@@ -44,9 +44,7 @@ def _backend() -> None:
 
 @contextmanager
 def _load(path: Path) -> Iterator[_Loaded]:
-    model = llama_cpp.llama_model_load_from_file(
-        str(path).encode(), llama_cpp.llama_model_default_params()
-    )
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
     assert model, f"llama.cpp could not load {path}"
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_seq_max = 256, 64, 2
@@ -167,9 +165,7 @@ def test_greedy_generation_is_deterministic_and_runs_to_max_tokens(tmp_path: Pat
         ):
             first = _greedy(m, prompt, 20)
             assert first == _greedy(m, prompt, 20)
-            assert len(first) == 20 and not any(
-                llama_cpp.llama_vocab_is_eog(m.vocab, t) for t in first
-            )
+            assert len(first) == 20 and not any(llama_cpp.llama_vocab_is_eog(m.vocab, t) for t in first)
             assert len(set(first)) > 3  # varied output, not one repeated token
         text = b"".join(_piece(m.vocab, t) for t in first)
     with pytest.raises(UnicodeDecodeError):
@@ -191,9 +187,7 @@ def test_eos_bias_controls_stopping(tmp_path: Path) -> None:
         assert len(out) == 1 and llama_cpp.llama_vocab_is_eog(m.vocab, out[0])
     with _load(write_tiny_llama(tmp_path / "never.gguf", eos_bias=-50.0)) as m:
         _decode(m.ctx, prompt)
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(m.ctx, -1), shape=(BYTE_VOCAB_SIZE,)
-        )
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m.ctx, -1), shape=(BYTE_VOCAB_SIZE,))
         assert logits[EOS_ID] < -40.0 and logits[IM_END_ID] < -40.0
         assert logits.max() > 0.0
 
