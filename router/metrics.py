@@ -62,6 +62,12 @@ _WORKER_STATS = {
         True,
     ),
     "prefix_cache_evictions_total": ("llamafleet_prefix_cache_evictions", "Cached sequences evicted", True),
+    "checkpoint_restores_total": (
+        "llamafleet_checkpoint_restores",
+        "Recurrent-state checkpoints restored from memory",
+        True,
+    ),
+    "checkpoint_bytes": ("llamafleet_checkpoint_bytes", "Bytes of recurrent-state checkpoints", False),
     "disk_cache_lookups_total": ("llamafleet_disk_cache_lookups", "Disk cache lookups", True),
     "disk_cache_restores_total": ("llamafleet_disk_cache_restores", "Prefixes restored from disk", True),
     "disk_cache_restored_tokens_total": (

@@ -159,6 +159,8 @@ class ModelOptions(BaseModel):
     kv_unified: bool = True
     # Keep finished sequences' KV and reuse shared prompt prefixes (llamafleet; not in the seed).
     prefix_cache: bool = True
+    # Recurrent / hybrid models: bytes of prompt-end state checkpoints kept in memory for reuse.
+    checkpoint_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Speculative decoding.
     draft_model: Literal["prompt-lookup-decoding", "draft-mtp"] | None = None
     draft_model_path: str | None = None

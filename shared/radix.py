@@ -95,6 +95,26 @@ class RadixTree:
             node, i = child, i + common
         return best
 
+    def registered_prefixes(self, prompt: Sequence[int]) -> list[tuple[int, int]]:
+        """(length, slot) for every slot whose whole registered token list is a prefix of `prompt`.
+
+        Each registered list ends exactly at a node boundary (insert splits edges there), so the walk
+        only checks holders whose length equals the depth reached.
+        """
+        found: list[tuple[int, int]] = []
+        node, i = self._root, 0
+        while i < len(prompt):
+            child = node.children.get(prompt[i])
+            if child is None:
+                break
+            common = _common_length(child.edge, prompt, i)
+            if common < len(child.edge):
+                break
+            i += common
+            found.extend((i, slot) for slot in child.holders if len(self._registered[slot]) == i)
+            node = child
+        return found
+
 
 def _common_length(edge: list[int], tokens: Sequence[int], offset: int) -> int:
     limit = min(len(edge), len(tokens) - offset)

@@ -24,6 +24,7 @@ from shared.protocol import (
     SubmitRequest,
     TokenLogprob,
 )
+from worker.checkpoints import MemoryCheckpoints
 from worker.disk_tier import DiskTier
 from worker.engine import LlamaEngine
 from worker.faults import FaultInjector
@@ -112,6 +113,8 @@ class SchedulerStats:
     prefix_cache_hits_total: int = 0
     prefix_cache_reused_tokens_total: int = 0
     prefix_cache_evictions_total: int = 0
+    checkpoint_restores_total: int = 0
+    checkpoint_bytes: int = 0
     disk_cache_lookups_total: int = 0
     disk_cache_restores_total: int = 0
     disk_cache_restored_tokens_total: int = 0
@@ -142,6 +145,14 @@ class Scheduler:
         self.kv_unified = engine.options.kv_unified
         self.kv_capacity = info.n_ctx if self.kv_unified else info.n_ctx_seq * info.n_seq_max
         self.slots = SlotTable(engine, enabled=engine.options.prefix_cache)
+        # Prefix stores beside the slots, tried in order: state checkpoints for models whose memory
+        # cannot be truncated, then the disk.
+        self.checkpoints: MemoryCheckpoints | None = None
+        if engine.options.prefix_cache and not self.slots.can_truncate:
+            self.checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)
+        self.tiers: list[MemoryCheckpoints | DiskTier] = [
+            t for t in (self.checkpoints, disk) if t is not None
+        ]
         self.waiting: deque[ActiveRequest] = deque()
         self.running: dict[str, ActiveRequest] = {}
         self.reserved = 0
@@ -254,8 +265,8 @@ class Scheduler:
             if choice == 0:
                 seq.seq_id = self.slots.acquire(plan, request.prompt_list, seq)
                 seq.n_past = plan.length
-                if self.disk is not None:  # the disk may hold a longer prefix than memory
-                    seq.n_past = self.disk.restore(seq.seq_id, request.prompt_list, plan.length)
+                for tier in self.tiers:  # checkpoints or the disk may hold a longer prefix
+                    seq.n_past = tier.restore(seq.seq_id, request.prompt_list, seq.n_past)
             else:
                 seq.seq_id = self.slots.acquire_empty(seq)
             request.sequences.append(seq)
@@ -342,8 +353,8 @@ class Scheduler:
             request.leader.n_past += take
             if row < 0:
                 continue
-            if self.disk is not None:  # the slot holds exactly the prompt right now
-                self.disk.save(request.leader.seq_id, request.prompt_list)
+            for tier in self.tiers:  # the slot holds exactly the prompt right now
+                tier.save(request.leader.seq_id, request.prompt_list)
             for sibling in request.sequences[1:]:
                 self.engine.seq_cp(request.leader.seq_id, sibling.seq_id)
                 sibling.n_past = request.leader.n_past
@@ -466,6 +477,10 @@ class Scheduler:
         stats.prefix_cache_hits_total = slots.stats.hits
         stats.prefix_cache_reused_tokens_total = slots.stats.reused_tokens
         stats.prefix_cache_evictions_total = slots.stats.evictions
+        if self.checkpoints is not None:
+            stats.checkpoint_restores_total = self.checkpoints.restores
+            stats.checkpoint_bytes = self.checkpoints.bytes
+            stats.prefix_cache_reused_tokens_total += self.checkpoints.restored_tokens
         if self.disk is not None:
             disk = self.disk.cache.stats
             stats.disk_cache_lookups_total = disk.lookups

@@ -142,7 +142,7 @@ def test_disk_cache_survives_a_restart(tiny_llama_gguf: Path, tmp_path: Path) ->
         server.wait_metric('llamafleet_disk_cache_restores_total{worker="0"}', 1)
         server.wait_metric('llamafleet_disk_cache_invalid_removed_total{worker="0"}', 1)
         # A longer prompt (the next turn) also starts from the saved prefix.
-        longer, longer_cached = text_and_cached(complete(server, prompt + " and more"))
+        _longer, longer_cached = text_and_cached(complete(server, prompt + " and more"))
     assert again == first
     assert again_cached == complete_tokens(tiny_llama_gguf, prompt) - 1
     assert longer_cached >= again_cached
@@ -155,5 +155,45 @@ def complete_tokens(model_path: Path, text: str) -> int:
     vocab = Vocab.load(model_path)
     try:
         return len(vocab.tokenize(text, add_special=True, parse_special=True))
+    finally:
+        vocab.close()
+
+
+FAMILIES = {
+    "llama": "write_tiny_llama",
+    "gemma3-swa": "write_tiny_gemma3",
+    "mamba-recurrent": "write_tiny_recurrent",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cache_hit_equals_miss_for_each_family(family: str, tmp_path: Path) -> None:
+    from tests.fixtures import tiny_families, tiny_models
+
+    writer = getattr(tiny_families, FAMILIES[family], None) or getattr(tiny_models, FAMILIES[family])
+    path = writer(tmp_path / f"{family}.gguf")
+    exact = {"n_ctx": 2048, "n_seq_max": 4, "flash_attn": False}
+    prompt = complete_tokens_list(path, long_text(60, salt=4))
+    extended = prompt + complete_tokens_list(path, " and a new question", bos=False)
+    with (
+        run_server(model_config(path, **exact)) as cached,
+        run_server(model_config(path, **exact, prefix_cache=False)) as plain,
+    ):
+        first, _ = text_and_cached(complete(cached, prompt))
+        repeat, _ = text_and_cached(complete(cached, prompt))
+        turn, turn_cached = text_and_cached(complete(cached, extended))
+        assert first == repeat == text_and_cached(complete(plain, prompt))[0]
+        assert turn == text_and_cached(complete(plain, extended))[0]
+    # Attention (also sliding-window, kept full) truncates the cached slot; the recurrent model restores
+    # the state checkpointed at the end of the first prompt.
+    assert turn_cached >= len(prompt) - 1, (family, turn_cached, len(prompt))
+
+
+def complete_tokens_list(model_path: Path, text: str, bos: bool = True) -> list[int]:
+    from shared.vocab import Vocab
+
+    vocab = Vocab.load(model_path)
+    try:
+        return vocab.tokenize(text, add_special=bos, parse_special=False)
     finally:
         vocab.close()
