@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,14 +53,17 @@ class LoadResult:
         )
 
 
-def make_prompts(vocab: Vocab, count: int, length: int, shared_prefix: int = 0) -> list[list[int]]:
-    """`count` distinct prompts of exactly `length` tokens, the first `shared_prefix` tokens shared."""
+def make_prompts(
+    vocab: Vocab, count: int, length: int, shared_prefix: int = 0, tag: str = ""
+) -> list[list[int]]:
+    """`count` distinct prompts of exactly `length` tokens, the first `shared_prefix` tokens shared;
+    `tag` makes another set (so that rounds never hit the prefix cache with an earlier round's prompts)."""
     base = vocab.tokenize(
         PASSAGE * (2 + (length + shared_prefix) // 50), add_special=False, parse_special=False
     )
     prompts = []
     for i in range(count):
-        unique = vocab.tokenize(f" Request {i}: ", add_special=False, parse_special=False)
+        unique = vocab.tokenize(f" Request {tag}{i}: ", add_special=False, parse_special=False)
         body = base[:shared_prefix] + unique + base[shared_prefix + i % 7 :]
         prefix = [vocab.bos_id] if vocab.add_bos else []
         prompts.append((prefix + body)[:length])
@@ -110,6 +115,19 @@ async def run_load(base_url: str, prompts: list[list[int]], max_tokens: int, con
     return result
 
 
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process (from /proc), to see who shares the cores."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-C", "--config", default="configs/gemma-3-270m.json")
@@ -118,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-tokens", type=int, default=130)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--shared-prefix", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
     from tests.integration.server import run_server
@@ -125,37 +144,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(args.config)
     model_path = resolve_model_path(config.model)
     vocab = Vocab.load(model_path)
-    prompts = make_prompts(vocab, args.requests, args.prompt_tokens, args.shared_prefix)
+    rounds = [
+        make_prompts(vocab, args.requests, args.prompt_tokens, args.shared_prefix, tag=f"{r}-")
+        for r in range(args.rounds + 1)
+    ]
+    singles = make_prompts(vocab, 5 * args.rounds, args.prompt_tokens, tag="single-")
+    prompts = rounds[0]
     vocab.close()
 
+    model = config.model.model_dump(exclude_none=True)
     raw = RawEngine(config.model, model_path)
-    raw_result = raw.run(prompts, args.max_tokens, args.concurrency)
+    raw_runs, server_runs, ttft_runs, prefill_runs = [], [], [], []
+    cpu_line = ""
+    with run_server(model, api_key=None, passive_threads=False) as server:
+        asyncio.run(run_load(server.base_url, rounds[0][:2], 4, 1))  # warm-up
+        # Alternate raw and server rounds and keep each side's best: other work on a shared machine
+        # slows whichever side it lands on, and the best round is the least disturbed one.
+        for round_no in range(args.rounds):
+            prompts = rounds[round_no + 1]
+            raw_runs.append(raw.run(prompts, args.max_tokens, args.concurrency))
+            before = _cpu_seconds([server.process.pid, *server.workers()])
+            client_before = time.process_time()
+            loaded = asyncio.run(run_load(server.base_url, prompts, args.max_tokens, args.concurrency))
+            after = _cpu_seconds([server.process.pid, *server.workers()])
+            server_runs.append(loaded)
+            cpu = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+            cpu_line = (
+                f"CPU seconds in the last loaded run: router {cpu.get(server.process.pid, 0.0):.2f}, "
+                f"workers {sum(v for p, v in cpu.items() if p != server.process.pid):.2f}, "
+                f"load generator {time.process_time() - client_before:.2f}, wall {loaded.seconds:.2f}"
+            )
+            prefill_runs.append(raw.prefill_time(prompts[0]))
+            fresh = singles[5 * round_no : 5 * round_no + 5]
+            single = asyncio.run(run_load(server.base_url, fresh, 1, 1))
+            ttft_runs.append(statistics.median(single.ttft))
     raw.close()
 
-    model = config.model.model_dump(exclude_none=True)
-    with run_server(model, api_key=None) as server:
-        asyncio.run(run_load(server.base_url, prompts[:2], 4, 1))  # warm-up
-        loaded = asyncio.run(run_load(server.base_url, prompts, args.max_tokens, args.concurrency))
-        single = asyncio.run(run_load(server.base_url, prompts[:8], 1, 1))
-
-    ratio = loaded.output_tokens / loaded.seconds / raw_result.tokens_per_second
-    ttft_p50 = statistics.median(single.ttft)
+    best_raw = max(raw_runs, key=lambda r: r.tokens_per_second)
+    best_server = max(server_runs, key=lambda r: r.output_tokens / r.seconds)
+    ratio = best_server.output_tokens / best_server.seconds / best_raw.tokens_per_second
+    ttft = min(ttft_runs)
+    prefill = min(prefill_runs)
     print(
         f"model {model_path.name}, {args.requests} requests x {args.prompt_tokens} prompt tokens, "
-        f"{args.max_tokens} output tokens, concurrency {args.concurrency}"
+        f"{args.max_tokens} output tokens, concurrency {args.concurrency}, best of {args.rounds} rounds"
     )
-    print(
-        f"raw engine : {raw_result.tokens_per_second:8.1f} tok/s  prefill of one prompt "
-        f"{raw_result.prefill_seconds * 1000:.1f} ms"
-    )
-    print(f"server     : {loaded.describe()}")
+    print(f"raw engine : {best_raw.tokens_per_second:8.1f} tok/s")
+    print(f"server     : {best_server.describe()}")
     print(f"throughput ratio server/raw = {ratio:.3f}   (bar >= 0.90)")
-    raw_prefill_ms = raw_result.prefill_seconds * 1000
+    print(cpu_line)
     print(
-        f"concurrency 1: TTFT p50 {ttft_p50 * 1000:.1f} ms vs raw prefill {raw_prefill_ms:.1f} ms"
-        f" -> +{ttft_p50 * 1000 - raw_prefill_ms:.1f} ms   (bar <= +15 ms)"
+        f"concurrency 1: TTFT {ttft * 1000:.1f} ms vs raw prefill {prefill * 1000:.1f} ms"
+        f" -> +{(ttft - prefill) * 1000:.1f} ms   (bar <= +15 ms)"
     )
-    return {"ratio": ratio, "ttft_overhead_ms": (ttft_p50 - raw_result.prefill_seconds) * 1000}
+    return {"ratio": ratio, "ttft_overhead_ms": (ttft - prefill) * 1000}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A slot is free (no KV), running (owned by a sequence of a running request) or cached (its request ended;
 its KV stays, registered in the radix tree, until the memory is needed). Admission asks `plan()` for the
 best reuse of a prompt's prefix: take over a cached slot (truncating its KV to the shared length) or copy
-the shared cells from any slot into a fresh one (`llama_memory_seq_cp`, free in a unified KV cache). Cached
+the shared cells from any slot into a fresh one (`llama_memory_seq_cp`: free in a unified KV cache, a
+buffer copy between per-sequence streams). Cached
 slots are evicted least-recently-used first, and only ever to make room for live work.
 
 What llama.cpp can reuse depends on the memory: attention KV (and sliding-window KV kept full, llama.cpp's
@@ -63,7 +64,8 @@ class SlotTable:
         self.running: dict[int, KVHolder] = {}
         self.tree = RadixTree()
         self.can_truncate = not info.recurrent
-        self.can_copy = engine.options.kv_unified and not info.recurrent
+        self.can_copy = not info.recurrent
+        self.unified = engine.options.kv_unified
         self.stats = SlotStats()
 
     # -- accounting ---------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ class SlotTable:
             slot = self.free.popleft()
             self.engine.seq_rm(slot)
             if plan.length:
-                self.engine.seq_cp(plan.source, slot, 0, plan.length)
+                self._copy_prefix(plan.source, slot, plan.length)
         if plan.length:
             self.stats.hits += 1
             self.stats.reused_tokens += plan.length
@@ -154,6 +156,14 @@ class SlotTable:
         if self.enabled:
             self.tree.insert(slot, prompt)
         return slot
+
+    def _copy_prefix(self, source: int, slot: int, length: int) -> None:
+        if self.unified:  # cells are shared, nothing is copied
+            self.engine.seq_cp(source, slot, 0, length)
+            return
+        # Separate streams: llama.cpp copies whole streams only; copy, then cut back to the prefix.
+        self.engine.seq_cp(source, slot, -1, -1)
+        self.engine.seq_rm(slot, length, -1)
 
     def acquire_empty(self, holder: KVHolder) -> int:
         slot = self.free.popleft()

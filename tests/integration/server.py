@@ -161,6 +161,7 @@ def run_server(
     extra: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
     api_key: str | None = "test-key",
+    passive_threads: bool = True,
 ) -> Iterator[Server]:
     run_dir = Path(tempfile.mkdtemp(prefix="lf-"))
     port = free_port()

@@ -51,14 +51,14 @@ def text_and_cached(reply: dict[str, Any]) -> tuple[str, int]:
     return reply["choices"][0]["text"], reply["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_llama_gguf: Path) -> Iterator[tuple[Server, Server]]:
+@pytest.fixture(scope="module", params=[True, False], ids=["unified-kv", "per-sequence-kv"])
+def servers(tiny_llama_gguf: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Server, Server]]:
     """The same tiny model with the prefix cache on and off.
 
     Flash attention is off: on the CPU its F16 accumulation makes logits depend on where the KV cells sit
     (~1e-2), which flips near-ties of a random model; without it a copied prefix gives logits within 1e-6.
     """
-    exact = {"n_ctx": 4096, "n_seq_max": 4, "flash_attn": False}
+    exact = {"n_ctx": 4096, "n_seq_max": 4, "flash_attn": False, "kv_unified": request.param}
     with (
         run_server(model_config(tiny_llama_gguf, **exact)) as cached,
         run_server(model_config(tiny_llama_gguf, **exact, prefix_cache=False)) as plain,
