@@ -1,0 +1,18 @@
+"""`make bench`: every benchmark in turn, each printing ratios against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+from bench import embeddings, prefix, serving
+
+
+def main() -> None:
+    print("== serving: server vs raw llama-cpp-python loop ==")
+    serving.main([])
+    print("\n== prefix caching ==")
+    prefix.main([])
+    print("\n== embeddings ==")
+    embeddings.main([])
+
+
+if __name__ == "__main__":
+    main()
