@@ -16,6 +16,7 @@ from router.generation import ChoiceDelta, Generation
 from router.schemas import CompletionRequest
 from router.state import ServerState, make_submit
 from router.streaming import run_unless_disconnected, sse_with_errors
+from router.structured import structured_grammar
 from shared.protocol import SubmitRequest
 
 
@@ -38,9 +39,7 @@ class _LogprobsAccumulator:
 def _logprobs_of(state: ServerState, delta: ChoiceDelta, offset: int) -> _LogprobsAccumulator:
     """Completion-style logprobs for a delta; `offset` is the text length before it."""
     out = _LogprobsAccumulator()
-    for token, text, lp in zip(
-        delta.token_ids, delta.token_texts, delta.logprobs or [], strict=False
-    ):
+    for token, text, lp in zip(delta.token_ids, delta.token_texts, delta.logprobs or [], strict=False):
         out.tokens.append(state.vocab.display(token))
         out.token_logprobs.append(lp.logprob)
         out.top_logprobs.append({state.vocab.display(t): p for t, p in lp.top})
@@ -56,6 +55,7 @@ def _build_generation(state: ServerState, body: CompletionRequest, http: Request
         prompts = body.prompts()
     except ValueError as error:
         raise APIError(400, str(error), param="prompt") from error
+    plan = structured_grammar(body.response_format, body.grammar)
     prefix = http.headers.get("x-request-id", "cmpl")[:64]
     submits: list[SubmitRequest] = []
     for prompt in prompts:
@@ -67,10 +67,9 @@ def _build_generation(state: ServerState, body: CompletionRequest, http: Request
             raise APIError(400, "the prompt is empty", param="prompt")
         budget = state.output_budget(len(tokens), body.max_tokens, body.n)
         rid = state.dispatcher.new_request_id(prefix)
-        submits.append(make_submit(state, rid, tokens, budget, body, body.logprobs))
-    return Generation(
-        state.dispatcher, state.vocab, state.metrics, submits, body.stop_list, "completions"
-    )
+        grammar = plan.grammar if plan else None
+        submits.append(make_submit(state, rid, tokens, budget, body, body.logprobs, grammar))
+    return Generation(state.dispatcher, state.vocab, state.metrics, submits, body.stop_list, "completions")
 
 
 def _echo_text(state: ServerState, body: CompletionRequest, index: int, n: int) -> str:
@@ -156,9 +155,7 @@ async def _stream(
             "object": "text_completion",
             "created": created,
             "model": state.model_name,
-            "choices": [
-                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            ],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
         if body.include_usage:
             data["usage"] = None

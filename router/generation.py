@@ -65,6 +65,7 @@ class Generation:
     submits: list[SubmitRequest]
     stops: list[str]
     endpoint: str
+    render_special: bool = False  # control tokens as text, for output parsers that need markers
     usage: Usage = field(default_factory=Usage)
     _streams: list[RequestStream] = field(default_factory=list)
     _queue: asyncio.Queue[FrameItem | WorkerFailure] = field(default_factory=asyncio.Queue)
@@ -93,7 +94,7 @@ class Generation:
             for c in range(submit.n):
                 choices[(submit.rid, c)] = _Choice(
                     offsets[submit.rid] + c,
-                    IncrementalDetokenizer(self.vocab),
+                    IncrementalDetokenizer(self.vocab, self.render_special),
                     StopMatcher(self.stops),
                 )
         open_requests = {s.rid: s.n for s in self.submits}
@@ -124,9 +125,7 @@ class Generation:
                     if open_requests[item.rid] == 0:
                         del open_requests[item.rid]
                         stream = streams[item.rid]
-                        if (
-                            item.finish is None
-                        ):  # stopped here (stop string): free the worker's sequences
+                        if item.finish is None:  # stopped here (stop string): free the worker's sequences
                             await self.dispatcher.cancel(stream)
                         else:
                             self.dispatcher.finish(stream)
@@ -140,9 +139,7 @@ class Generation:
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
         choice.tokens_seen += len(item.token_ids)
-        self.usage.completion_tokens += len(item.token_ids) + (
-            1 if item.finish == FINISH_STOP else 0
-        )
+        self.usage.completion_tokens += len(item.token_ids) + (1 if item.finish == FINISH_STOP else 0)
         raw = "".join(texts)
         if item.finish is not None:
             raw += choice.detokenizer.flush()

@@ -18,6 +18,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = _LENIENT
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _LENIENT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format json_schema needs a json_schema object")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -43,6 +63,8 @@ class SamplingFields(BaseModel):
     repeat_last_n: int | None = Field(default=None, ge=-1)
     ignore_eos: bool = False
     grammar: str | None = None
+    # Structured output: also accepted on /v1/completions, as llama-server does.
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -153,26 +175,6 @@ class ToolChoiceObject(BaseModel):
     function: ToolChoiceFunction
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = _LENIENT
-    name: str = "response"
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = _LENIENT
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format json_schema needs a json_schema object")
-        return self
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -182,8 +184,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
     reasoning_effort: str | None = None
+    # False drops reasoning from the answer (it is still generated).
+    include_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -198,15 +201,9 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(self.tool_choice, ToolChoiceObject):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
-                raise ValueError(
-                    f"tool_choice names an unknown function {self.tool_choice.function.name!r}"
-                )
+                raise ValueError(f"tool_choice names an unknown function {self.tool_choice.function.name!r}")
         return self
 
     @property
     def output_limit(self) -> int | None:
-        return (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

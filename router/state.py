@@ -10,6 +10,7 @@ from typing import Any
 from router.dispatch import Dispatcher
 from router.errors import APIError
 from router.metrics import Metrics
+from router.parsing import ResponseSchemaParser
 from router.templating import ChatTemplate, TemplateError
 from shared.config import Config
 from shared.models import resolve_model_path
@@ -27,6 +28,8 @@ class ServerState:
     dispatcher: Dispatcher
     metrics: Metrics
     created: int
+    # The config's response_schema, compiled once (None: Hermes/<think> parsing).
+    response_parser: ResponseSchemaParser | None = None
 
     @classmethod
     def build(cls, config: Config) -> ServerState:
@@ -34,13 +37,13 @@ class ServerState:
         source = config.model.chat_template or vocab.chat_template()
         template = None
         if source:
-            template = ChatTemplate(
-                source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id)
-            )
+            template = ChatTemplate(source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id))
         metrics = Metrics()
         dispatcher = Dispatcher(config)
         metrics.attach(dispatcher)
-        return cls(config, vocab, template, dispatcher, metrics, int(time.time()))
+        schema = config.model.response_schema
+        parser = ResponseSchemaParser(schema) if schema else None
+        return cls(config, vocab, template, dispatcher, metrics, int(time.time()), parser)
 
     @property
     def model_name(self) -> str:
@@ -86,9 +89,7 @@ class ServerState:
         extra: dict[str, Any],
     ) -> str:
         if self.template is None:
-            raise APIError(
-                400, "this model has no chat template; use /v1/completions", param="messages"
-            )
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
             return self.template.render(
                 messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra
@@ -175,6 +176,7 @@ def make_submit(
     request: Any,
     logprobs: int | None,
     grammar: str | None = None,
+    grammar_triggers: list[str] | None = None,
 ) -> SubmitRequest:
     sampling = sampling_from(request)
     for token, _ in sampling.logit_bias:
@@ -189,4 +191,5 @@ def make_submit(
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
         grammar=grammar if grammar is not None else request.grammar,
+        grammar_triggers=list(grammar_triggers or []),
     )

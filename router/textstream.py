@@ -14,12 +14,25 @@ from shared.vocab import Vocab
 
 
 class IncrementalDetokenizer:
-    def __init__(self, vocab: Vocab) -> None:
+    """`special=True` renders control tokens as their text (`<tool_call>`, `<|channel|>`): output parsers
+    need to see markers that are special tokens; plain text output leaves them out."""
+
+    def __init__(self, vocab: Vocab, special: bool = False) -> None:
         self._vocab = vocab
+        self._special = special
+        self._special_pieces: dict[int, bytes] = {}
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
+    def _piece(self, token: int) -> bytes:
+        if not self._special:
+            return self._vocab.piece(token)
+        piece = self._special_pieces.get(token)
+        if piece is None:
+            piece = self._special_pieces[token] = self._vocab.special_piece(token)
+        return piece
+
     def feed(self, token: int) -> str:
-        return self._decoder.decode(self._vocab.piece(token))
+        return self._decoder.decode(self._piece(token))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

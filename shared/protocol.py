@@ -97,7 +97,8 @@ class SubmitRequest:
     # Top alternatives per token to return; None = no logprobs at all.
     logprobs: int | None = None
     grammar: str | None = None
-    # Grammar becomes active only once one of these token sequences is generated (lazy tool grammars).
+    # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
+    # see worker/sampling.py).
     grammar_triggers: list[str] = field(default_factory=list)
     priority: int = 0
 

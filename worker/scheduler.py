@@ -253,7 +253,12 @@ class Scheduler:
             for choice in range(submit.n):
                 samplers.append(
                     SamplerChain(
-                        vocab_ptr, self.engine.vocab.n_vocab, submit.sampling, submit.grammar, choice
+                        vocab_ptr,
+                        self.engine.vocab.n_vocab,
+                        submit.sampling,
+                        submit.grammar,
+                        choice,
+                        grammar_triggers=submit.grammar_triggers,
                     )
                 )
         except Exception:
