@@ -42,12 +42,14 @@ class RawEngine:
     def _clear(self) -> None:
         llama_cpp.llama_memory_clear(self.engine.memory, True)
 
-    def prefill_time(self, prompt: list[int], repeats: int = 3) -> float:
-        """Best-of time to prefill one prompt and sample its first token."""
+    def prefill_time(self, prompt: list[int], repeats: int = 3, idle_before: float = 0.0) -> float:
+        """Best-of time to prefill one prompt and sample its first token; `idle_before` seconds of rest
+        first, as a server has between one client's requests (llama.cpp's threads sleep when idle)."""
         best = float("inf")
         batch = self.engine.batch
         for _ in range(repeats):
             self._clear()
+            time.sleep(idle_before)
             started = time.perf_counter()
             done = 0
             while done < len(prompt):

@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"workers {sum(v for p, v in cpu.items() if p != server.process.pid):.2f}, "
                 f"load generator {time.process_time() - client_before:.2f}, wall {loaded.seconds:.2f}"
             )
-            prefill_runs.append(raw.prefill_time(prompts[0]))
             fresh = singles[5 * round_no : 5 * round_no + 5]
+            # Both sides from rest: each raw prefill after a pause like the one between client requests.
+            prefill_runs.append(statistics.median(raw.prefill_time(p, 1, idle_before=0.05) for p in fresh))
             single = asyncio.run(run_load(server.base_url, fresh, 1, 1))
             ttft_runs.append(statistics.median(single.ttft))
     raw.close()
