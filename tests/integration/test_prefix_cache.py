@@ -197,3 +197,28 @@ def complete_tokens_list(model_path: Path, text: str, bos: bool = True) -> list[
         return vocab.tokenize(text, add_special=bos, parse_special=False)
     finally:
         vocab.close()
+
+
+@pytest.mark.slow
+def test_multi_turn_chat_hits_all_but_the_new_turn(smollm2_gguf: Path) -> None:
+    """On the real SmolLM2: the second turn's prompt is served from the first turn's KV up to the new
+    message (the answer's tokens re-tokenize to what was generated)."""
+    with run_server(model_config(smollm2_gguf, n_ctx=8192, n_seq_max=2)) as server:
+        client = server.client()
+        messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+        first = client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=20, temperature=0
+        )
+        assert first.usage is not None
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content or ""},
+            {"role": "user", "content": "And two more?"},
+        ]
+        second = client.chat.completions.create(
+            model="test-model", messages=messages, max_tokens=5, temperature=0
+        )
+        assert second.usage is not None and second.usage.prompt_tokens_details is not None
+        cached = second.usage.prompt_tokens_details.cached_tokens or 0
+        # Everything of turn one (prompt and answer) is reused; only the new turn is prefilled.
+        assert cached >= first.usage.prompt_tokens + first.usage.completion_tokens - 2, (cached, first.usage)
+        assert second.usage.prompt_tokens - cached <= 16
