@@ -312,3 +312,13 @@ def test_injected_failures_fail_one_request_only(tiny_llama_gguf: Path) -> None:
         after = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
         assert after.status_code == 200
         server.wait_metric('llamafleet_worker_requests_failed_total{worker="0"}', 2)
+
+
+def test_config_max_output_tokens_caps_requests(tiny_llama_gguf: Path) -> None:
+    with run_server(model_config(tiny_llama_gguf, max_output_tokens=5)) as server:
+        client = server.client()
+        capped = client.completions.create(model="test-model", prompt="hello", max_tokens=50, temperature=0)
+        chat = client.chat.completions.create(model="test-model", messages=CHAT, temperature=0)
+    assert capped.usage is not None and capped.usage.completion_tokens == 5
+    assert capped.choices[0].finish_reason == "length"
+    assert chat.usage is not None and chat.usage.completion_tokens == 5
