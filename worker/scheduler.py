@@ -306,28 +306,42 @@ class Scheduler:
             return StepResult(items, errors)
         batch = self.engine.batch
         batch.clear()
-        decoding: list[Sequence] = []
         chunks: list[tuple[ActiveRequest, int, int]] = []  # request, tokens taken, logits row or -1
-        for request in self.running.values():
-            if request.prefilling:
-                continue
-            for seq in request.sequences:
-                if not seq.finished:
-                    seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
-                    decoding.append(seq)
-        for request in self.running.values():
-            if not request.prefilling or batch.free == 0:
-                continue
+        decoding = sorted(
+            (
+                seq
+                for r in self.running.values()
+                if not r.prefilling
+                for seq in r.sequences
+                if not seq.finished
+            ),
+            key=lambda seq: seq.seq_id,
+        )
+        budget = batch.capacity - len(decoding)
+        takes: dict[int, tuple[ActiveRequest, int]] = {}  # leader seq id -> request, prompt tokens this step
+        for request in self.running.values():  # prefill budget in arrival order
+            if request.prefilling and budget > 0:
+                take = min(len(request.prompt) - request.leader.n_past, budget)
+                takes[request.leader.seq_id] = (request, take)
+                budget -= take
+        # Rows go in sequence-id order: with per-sequence KV streams llama.cpp only batches consecutive
+        # ids into one ubatch, so this keeps a decode step to as few ubatches as the ids allow.
+        pending = iter(decoding)
+        seq = next(pending, None)
+        for seq_id in sorted(takes):
+            while seq is not None and seq.seq_id < seq_id:
+                seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
+                seq = next(pending, None)
+            request, take = takes[seq_id]
             leader = request.leader
-            take = min(len(request.prompt) - leader.n_past, batch.free)
             done = leader.n_past + take == len(request.prompt)
             row = batch.add_chunk(
-                request.prompt[leader.n_past : leader.n_past + take],
-                leader.n_past,
-                leader.seq_id,
-                done,
+                request.prompt[leader.n_past : leader.n_past + take], leader.n_past, leader.seq_id, done
             )
             chunks.append((request, take, row if done else -1))
+        while seq is not None:
+            seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
+            seq = next(pending, None)
 
         handled = self._decode(decoding, chunks, items, errors)
         self._step_no += 1

@@ -14,7 +14,8 @@ only when the whole cached state is a prefix of the new prompt; anything else fa
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,7 +60,9 @@ class SlotTable:
         self.engine = engine
         self.enabled = enabled
         info = engine.info
-        self.free: deque[int] = deque(range(info.n_seq_max))
+        # A heap: new sequences take the lowest free id, which keeps running ids close together (with
+        # per-sequence KV streams llama.cpp puts only consecutive ids in one ubatch).
+        self.free: list[int] = list(range(info.n_seq_max))
         self.cached: OrderedDict[int, int] = OrderedDict()  # slot -> cells, least recently used first
         self.running: dict[int, KVHolder] = {}
         self.tree = RadixTree()
@@ -133,7 +136,7 @@ class SlotTable:
         self.cached.pop(slot)
         self.tree.remove(slot)
         self.engine.seq_rm(slot)
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
         self.stats.evictions += 1
 
     def acquire(self, plan: ReusePlan, prompt: list[int], holder: KVHolder) -> int:
@@ -145,7 +148,7 @@ class SlotTable:
             if plan.length < registered:
                 self.engine.seq_rm(slot, plan.length, -1)
         else:
-            slot = self.free.popleft()
+            slot = heapq.heappop(self.free)
             self.engine.seq_rm(slot)
             if plan.length:
                 self._copy_prefix(plan.source, slot, plan.length)
@@ -166,7 +169,7 @@ class SlotTable:
         self.engine.seq_rm(slot, length, -1)
 
     def acquire_empty(self, holder: KVHolder) -> int:
-        slot = self.free.popleft()
+        slot = heapq.heappop(self.free)
         self.engine.seq_rm(slot)
         self.running[slot] = holder
         return slot
@@ -180,4 +183,4 @@ class SlotTable:
             return
         self.tree.remove(slot)
         self.engine.seq_rm(slot)
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
