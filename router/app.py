@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,6 +18,9 @@ from router.chat import create_chat_completion
 from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
 from router.errors import APIError, error_response, install_error_handlers
+from router.responses import ResponsesRequest
+from router.responses_stream import create_response
+from router.responses_ws import serve_responses_websocket
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.state import ServerState
 from shared.config import Config
@@ -121,6 +124,15 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_generation(state, body.model)
         return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        check_generation(state, body.model)
+        return await create_response(state, body, request)
+
+    @app.websocket("/v1/responses")
+    async def responses_websocket(websocket: WebSocket) -> None:
+        await serve_responses_websocket(state, websocket)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Response:

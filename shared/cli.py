@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.command)
     try:
         if args.command == "worker":
+            from shared.threads import tune_openmp
+
+            tune_openmp()  # before llama_cpp loads libgomp
             from worker.main import run_worker
 
             return run_worker(load_config(args.config), args.index)
