@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -63,14 +64,13 @@ async def _chat_turns(base_url: str, conversations: int, turns: int) -> list[lis
                 body = {"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}
                 async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                     async for line in response.aiter_lines():
-                        if line.startswith("data: {") and '"content":"' in line and first is None:
+                        if not line.startswith("data: {"):
+                            continue
+                        choices = json.loads(line[6:])["choices"]
+                        piece = (choices[0]["delta"].get("content") or "") if choices else ""
+                        if piece and first is None:  # the first chunk only carries the role
                             first = time.perf_counter() - started
-                        if line.startswith("data: {"):
-                            import json
-
-                            choices = json.loads(line[6:])["choices"]
-                            if choices:
-                                text += choices[0]["delta"].get("content") or ""
+                        text += piece
                 ttfts[turn].append(first or 0.0)
                 messages.append({"role": "assistant", "content": text})
     return ttfts
@@ -112,7 +112,7 @@ def routing(model: dict[str, Any], vocab: Vocab) -> None:
             )
     print("routing (6 tenants x 4 rounds, ~300-token system prompts, concurrency 4)")
     for workers in ({"count": 1}, {"count": 2, "routing": "prefix"}, {"count": 2, "routing": "least_loaded"}):
-        single = {**model, "threads": 1, "threads_batch": 1, "n_seq_max": 4, "n_ctx": 8192}
+        single = {**model, "threads": 1, "threads_batch": 1, "n_seq_max": 8, "n_ctx": 16384}
         with _server(single, workers=workers) as server:
             asyncio.run(run_load(server.base_url, requests, 4, 4))
             time.sleep(1.0)

@@ -15,10 +15,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from router.chat_output import ChoiceOutput
-from router.chat_prepare import ChatPlan, plan_chat, template_messages
+from router.chat_prepare import ChatPlan, chat_generation, template_messages
 from router.generation import ChoiceDelta, Generation
 from router.schemas import ChatCompletionRequest
-from router.state import ServerState, make_submit
+from router.state import ServerState
 from router.streaming import run_unless_disconnected, sse_with_errors
 
 
@@ -47,33 +47,14 @@ def _token_logprobs(state: ServerState, delta: ChoiceDelta) -> list[dict[str, An
 def _build_generation(
     state: ServerState, body: ChatCompletionRequest, http: Request
 ) -> tuple[Generation, ChatPlan]:
-    plan = plan_chat(state, body)
-    tokens = state.tokenize_prompt(plan.prompt)
-    budget = state.output_budget(len(tokens), body.output_limit, body.n)
-    prefix = http.headers.get("x-request-id", "chat")[:64]
-    rid = state.dispatcher.new_request_id(prefix)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    grammar = plan.grammar
-    submit = make_submit(
+    return chat_generation(
         state,
-        rid,
-        tokens,
-        budget,
         body,
-        logprobs,
-        grammar.grammar if grammar else None,
-        grammar.triggers if grammar else None,
+        rid_prefix=http.headers.get("x-request-id", "chat"),
+        endpoint="chat",
+        output_limit=body.output_limit,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    generation = Generation(
-        state.dispatcher,
-        state.vocab,
-        state.metrics,
-        [submit],
-        body.stop_list,
-        "chat",
-        render_special=plan.render_special,
-    )
-    return generation, plan
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Any:

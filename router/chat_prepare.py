@@ -14,8 +14,9 @@ from typing import Any
 
 from router.chat_output import ChoiceOutput, HermesOutput, SchemaOutput
 from router.errors import APIError
+from router.generation import Generation
 from router.schemas import ChatCompletionRequest, ChatMessage, ToolChoiceObject
-from router.state import ServerState
+from router.state import ServerState, make_submit
 from router.structured import GrammarPlan, structured_grammar
 from router.tool_grammar import HERMES, detect_format, tool_grammar
 from router.tools import default_protocol, hf_messages, template_knows_tools
@@ -146,3 +147,43 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     else:
         outputs = lambda: HermesOutput(use_tools, reasoning_open, include)  # noqa: E731
     return ChatPlan(prompt, generation_prompt, grammar, outputs, use_tools or parser is not None)
+
+
+def chat_generation(
+    state: ServerState,
+    body: ChatCompletionRequest,
+    *,
+    rid_prefix: str,
+    endpoint: str,
+    output_limit: int | None,
+    logprobs: int | None = None,
+) -> tuple[Generation, ChatPlan]:
+    """Plans a chat request (template, grammar, parsers) and builds its generation, not yet submitted.
+
+    Chat completions and the Responses API both answer through this, so tools, grammars and reasoning
+    behave the same in both."""
+    plan = plan_chat(state, body)
+    tokens = state.tokenize_prompt(plan.prompt)
+    budget = state.output_budget(len(tokens), output_limit, body.n)
+    rid = state.dispatcher.new_request_id(rid_prefix[:64])
+    grammar = plan.grammar
+    submit = make_submit(
+        state,
+        rid,
+        tokens,
+        budget,
+        body,
+        logprobs,
+        grammar.grammar if grammar else None,
+        grammar.triggers if grammar else None,
+    )
+    generation = Generation(
+        state.dispatcher,
+        state.vocab,
+        state.metrics,
+        [submit],
+        body.stop_list,
+        endpoint,
+        render_special=plan.render_special,
+    )
+    return generation, plan

@@ -18,11 +18,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.chat_output import ChoiceOutput
-from router.chat_prepare import plan_chat
+from router.chat_prepare import chat_generation
 from router.errors import APIError
 from router.generation import Generation, Usage
 from router.schemas import ChatCompletionRequest
-from router.state import ServerState, make_submit
+from router.state import ServerState
 from shared.vocab import TokenizerError
 
 _LENIENT = ConfigDict(extra="allow")
@@ -508,32 +508,15 @@ async def start_response(
     """Plans the prompt and grammar as chat does and submits the generation to a worker."""
     chat = to_chat_request(body, has_projector=state.config.model.mtmd is not None)
     try:
-        plan = plan_chat(state, chat)
-        tokens = state.tokenize_prompt(plan.prompt)
-        budget = state.output_budget(len(tokens), chat.output_limit if generate else 1, 1)
+        generation, plan = chat_generation(
+            state,
+            chat,
+            rid_prefix=request_prefix,
+            endpoint="responses",
+            output_limit=chat.output_limit if generate else 1,
+        )
     except APIError as error:
         raise responses_error(error) from error
-    rid = state.dispatcher.new_request_id(request_prefix[:64])
-    grammar = plan.grammar
-    submit = make_submit(
-        state,
-        rid,
-        tokens,
-        budget,
-        chat,
-        None,
-        grammar.grammar if grammar else None,
-        grammar.triggers if grammar else None,
-    )
-    generation = Generation(
-        state.dispatcher,
-        state.vocab,
-        state.metrics,
-        [submit],
-        chat.stop_list,
-        "responses",
-        render_special=plan.render_special,
-    )
     draft = ResponseDraft(
         new_id("resp"), int(time.time()), state.model_name, body, chat, previous_response_id
     )

@@ -95,6 +95,22 @@ class RadixTree:
             node, i = child, i + common
         return best
 
+    def match_lengths(self, prompt: Sequence[int]) -> dict[int, int]:
+        """For every slot sharing a prefix with `prompt`, how many leading tokens it shares."""
+        lengths: dict[int, int] = {}
+        node, i = self._root, 0
+        while i < len(prompt):
+            child = node.children.get(prompt[i])
+            if child is None:
+                break
+            common = _common_length(child.edge, prompt, i)
+            for slot in child.holders:  # deeper nodes hold subsets: later values are longer
+                lengths[slot] = i + common
+            if common < len(child.edge):
+                break
+            node, i = child, i + common
+        return lengths
+
     def registered_prefixes(self, prompt: Sequence[int]) -> list[tuple[int, int]]:
         """(length, slot) for every slot whose whole registered token list is a prefix of `prompt`.
 

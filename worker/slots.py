@@ -28,6 +28,14 @@ MIN_REUSE_TOKENS = 16
 MIN_WAIT_GAIN = 64
 
 
+# A takeover wins over a copy that reuses at most this many more tokens.
+TAKEOVER_BONUS = 32
+
+
+def _score(plan: ReusePlan) -> int:
+    return plan.length + (TAKEOVER_BONUS if plan.takeover else 0) if plan.length else 0
+
+
 class KVHolder(Protocol):
     """What the slot table needs of a running sequence: how many of its tokens are in the KV already."""
 
@@ -89,11 +97,12 @@ class SlotTable:
         if not self.enabled:
             return ReusePlan()
         self.stats.lookups += 1
-        match = self.tree.longest_match(prompt)
-        limit = min(match.length, len(prompt) - 1)
         best = ReusePlan()
-        pending = 0
-        for slot in match.holders:
+        coming = 0  # the longest prefix a slot still prefilling will soon hold
+        # Ties go to the lowest id, and a cached slot to take over beats a copy that is only a little
+        # longer: both keep running ids close together (one ubatch per step with per-sequence KV).
+        for slot, shared in sorted(self.tree.match_lengths(prompt).items()):
+            limit = min(shared, len(prompt) - 1)
             if slot in self.cached:
                 registered = len(self.tree.tokens_of(slot))
                 if limit < registered and not self.can_truncate:
@@ -105,15 +114,15 @@ class SlotTable:
                 holder = self.running.get(slot)
                 if holder is None or not self.can_copy:
                     continue
+                if holder.prefilling:  # it will hold `limit` tokens once its prefill is done
+                    coming = max(coming, limit)
                 usable = min(limit, holder.n_past)
-                if holder.prefilling:
-                    pending = max(pending, limit - usable)
                 if usable < MIN_REUSE_TOKENS:
                     continue
                 candidate = ReusePlan(usable, slot)
-            if (candidate.length, candidate.takeover) > (best.length, best.takeover):
+            if _score(candidate) > _score(best):
                 best = candidate
-        if pending - best.length >= MIN_WAIT_GAIN:
+        if coming - best.length >= MIN_WAIT_GAIN:
             return ReusePlan(wait=True)
         return best
 
