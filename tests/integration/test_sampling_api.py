@@ -20,7 +20,9 @@ CHAT = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_gguf: Path) -> Iterator[Server]:
-    with run_server(model_config(tiny_llama_gguf, n_seq_max=8, n_ctx=4096)) as running:
+    # Flash attention off: on the CPU its F16 accumulation makes logits depend on where KV cells sit
+    # (prefix-cache hits, batch neighbours), enough to change a seeded sample now and then.
+    with run_server(model_config(tiny_llama_gguf, n_seq_max=8, n_ctx=4096, flash_attn=False)) as running:
         yield running
 
 
@@ -234,7 +236,7 @@ def test_cancelled_stream_frees_its_sequence(server: Server) -> None:
         http.stream(
             "POST",
             "/v1/completions",
-            json={"prompt": "hello", "max_tokens": 3000, "stream": True, "ignore_eos": True},
+            json={"prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True},
         ) as response,
     ):
         lines = response.iter_lines()
@@ -244,8 +246,9 @@ def test_cancelled_stream_frees_its_sequence(server: Server) -> None:
 
 
 def test_abandoned_non_streamed_request_frees_its_sequence(server: Server) -> None:
-    with pytest.raises(httpx.ReadTimeout), server.http(timeout=1.0) as http:
-        http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3000, "ignore_eos": True})
+    # The client gives up long before 4000 tokens are done (a few seconds on the tiny model).
+    with pytest.raises(httpx.ReadTimeout), server.http(timeout=0.3) as http:
+        http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4000, "ignore_eos": True})
     idle(server)
 
 
