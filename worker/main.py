@@ -83,7 +83,19 @@ class WorkerProcess:
     def send(self, message: dict[str, Any]) -> None:
         self.results.send(protocol.encode(message))
 
+    def _warn_unsupported(self) -> None:
+        """Seed config sections this version reads but does not act on yet: say so instead of ignoring."""
+        model = self.config.model
+        for field, present in (
+            ("model.loras", bool(model.loras)),
+            ("model.draft_model", model.draft_model is not None),
+            ("model.mtmd", model.mtmd is not None),
+        ):
+            if present:
+                log.warning("%s is not supported by this version of llamafleet and is ignored", field)
+
     def run(self) -> None:
+        self._warn_unsupported()
         override = self.config.workers.override_for(self.index)
         model_path = resolve_model_path(self.config.model)
         self.engine = LlamaEngine(self.config.model, model_path, override)
