@@ -19,7 +19,7 @@ from router.chat_prepare import ChatPlan, chat_generation, template_messages
 from router.generation import ChoiceDelta, Generation
 from router.schemas import ChatCompletionRequest
 from router.state import ServerState
-from router.streaming import run_unless_disconnected, sse_with_errors
+from router.streaming import openai_object, run_unless_disconnected, sse_with_errors
 
 
 def _token_logprobs(state: ServerState, delta: ChoiceDelta) -> list[dict[str, Any]]:
@@ -103,14 +103,14 @@ async def _collect(
             }
         )
     return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-            "usage": generation.usage.to_openai(),
-        }
+        openai_object(
+            "chat.completion",
+            completion_id,
+            created,
+            state.model_name,
+            choices,
+            usage=generation.usage.to_openai(),
+        )
     )
 
 
@@ -123,16 +123,11 @@ async def _stream(
     created: int,
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_name,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if body.include_usage:
-            data["usage"] = None
-        return data
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        extra = {"usage": None} if body.include_usage else {}
+        return openai_object(
+            "chat.completion.chunk", completion_id, created, state.model_name, [choice], **extra
+        )
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None, None)
@@ -150,14 +145,14 @@ async def _stream(
         if logprobs is not None or finish is not None:
             yield chunk(delta.index, {}, logprobs, finish)
     if body.include_usage:
-        yield {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": state.model_name,
-            "choices": [],
-            "usage": generation.usage.to_openai(),
-        }
+        yield openai_object(
+            "chat.completion.chunk",
+            completion_id,
+            created,
+            state.model_name,
+            [],
+            usage=generation.usage.to_openai(),
+        )
 
 
 __all__ = ["create_chat_completion", "template_messages"]

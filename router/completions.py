@@ -15,7 +15,7 @@ from router.errors import APIError
 from router.generation import ChoiceDelta, Generation
 from router.schemas import CompletionRequest
 from router.state import ServerState, make_submit
-from router.streaming import run_unless_disconnected, sse_with_errors
+from router.streaming import openai_object, run_unless_disconnected, sse_with_errors
 from router.structured import structured_grammar
 from shared.protocol import SubmitRequest
 
@@ -128,14 +128,14 @@ async def _collect(
         for i in range(count)
     ]
     return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": choices,
-            "usage": generation.usage.to_openai(),
-        }
+        openai_object(
+            "text_completion",
+            completion_id,
+            created,
+            state.model_name,
+            choices,
+            usage=generation.usage.to_openai(),
+        )
     )
 
 
@@ -150,16 +150,9 @@ async def _stream(
     offsets = [0] * count
 
     def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if body.include_usage:
-            data["usage"] = None
-        return data
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        extra = {"usage": None} if body.include_usage else {}
+        return openai_object("text_completion", completion_id, created, state.model_name, [choice], **extra)
 
     if body.echo:
         for i in range(count):
@@ -173,11 +166,11 @@ async def _stream(
         offsets[delta.index] += len(delta.text)
         yield chunk(delta.index, delta.text, logprobs, delta.finish_reason)
     if body.include_usage:
-        yield {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": [],
-            "usage": generation.usage.to_openai(),
-        }
+        yield openai_object(
+            "text_completion",
+            completion_id,
+            created,
+            state.model_name,
+            [],
+            usage=generation.usage.to_openai(),
+        )

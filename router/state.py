@@ -143,26 +143,27 @@ class ServerState:
             )
 
 
+# Request field -> SamplingParams field, copied when the client set it (llama.cpp's neutral value otherwise).
+_OPTIONAL_SAMPLING = {
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "penalty_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
 def sampling_from(request: Any) -> SamplingParams:
     """SamplingParams from a completion or chat request's fields (OpenAI's default temperature is 1)."""
     params = SamplingParams()
     params.temperature = 1.0 if request.temperature is None else request.temperature
-    if request.top_p is not None:
-        params.top_p = request.top_p
-    if request.top_k is not None:
-        params.top_k = request.top_k
-    if request.min_p is not None:
-        params.min_p = request.min_p
-    if request.typical_p is not None:
-        params.typical_p = request.typical_p
-    if request.repeat_penalty is not None:
-        params.repeat_penalty = request.repeat_penalty
-    if request.repeat_last_n is not None:
-        params.penalty_last_n = request.repeat_last_n
-    if request.presence_penalty is not None:
-        params.presence_penalty = request.presence_penalty
-    if request.frequency_penalty is not None:
-        params.frequency_penalty = request.frequency_penalty
+    for source, target in _OPTIONAL_SAMPLING.items():
+        value = getattr(request, source)
+        if value is not None:
+            setattr(params, target, value)
     params.seed = request.seed
     params.logit_bias = [(int(k), float(v)) for k, v in (request.logit_bias or {}).items()]
     return params

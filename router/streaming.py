@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def openai_object(
+    kind: str, object_id: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """The envelope every completion object and chunk shares (`usage` and the like go in `extra`)."""
+    return {"id": object_id, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
