@@ -253,7 +253,13 @@ class Dispatcher:
     async def _send(self, index: int, message: dict[str, Any]) -> None:
         assert self._requests is not None
         try:
-            await self._requests.send_multipart([protocol.worker_identity(index), protocol.encode(message)])
+            payload = protocol.encode(message)
+        except (OverflowError, TypeError, ValueError) as error:  # e.g. an integer beyond 64 bits
+            raise WorkerFailure(
+                400, "invalid_request_error", f"a request value is out of range: {error}"
+            ) from error
+        try:
+            await self._requests.send_multipart([protocol.worker_identity(index), payload])
         except zmq.ZMQError as error:  # EHOSTUNREACH: the worker is not connected
             self.mark_down(index, f"is unreachable ({error})")
             raise WorkerFailure(503, "worker_unavailable", "the worker is unreachable") from error

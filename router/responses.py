@@ -21,7 +21,7 @@ from router.chat_output import ChoiceOutput
 from router.chat_prepare import chat_generation
 from router.errors import APIError
 from router.generation import Generation, Usage
-from router.schemas import ChatCompletionRequest
+from router.schemas import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.state import ServerState
 from shared.vocab import TokenizerError
 
@@ -67,7 +67,7 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

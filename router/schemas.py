@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 _LENIENT = ConfigDict(extra="allow")
 
+# Integers travel to the worker as msgpack (64-bit) and into llama.cpp as C ints: bound them here so an
+# absurd value is a 400, not an overflow further down.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+
 
 class StreamOptions(BaseModel):
     model_config = _LENIENT
@@ -53,14 +58,14 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
     # llama.cpp / vLLM extensions
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     typical_p: float | None = Field(default=None, gt=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
-    repeat_last_n: int | None = Field(default=None, ge=-1)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     ignore_eos: bool = False
     grammar: str | None = None
     # Structured output: also accepted on /v1/completions, as llama-server does.
