@@ -183,6 +183,11 @@ def make_submit(
     for token, _ in sampling.logit_bias:
         if not 0 <= token < state.vocab.n_vocab:
             raise APIError(400, f"logit_bias token id {token} is out of range", param="logit_bias")
+    grammar = grammar if grammar is not None else request.grammar
+    if grammar is not None and not state.vocab.grammar_is_valid(grammar):  # a 400 before any streaming
+        raise APIError(
+            400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"
+        )
     return SubmitRequest(
         rid=rid,
         prompt=prompt,
@@ -191,6 +196,6 @@ def make_submit(
         sampling=sampling,
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
-        grammar=grammar if grammar is not None else request.grammar,
+        grammar=grammar,
         grammar_triggers=list(grammar_triggers or []),
     )

@@ -156,5 +156,13 @@ class Vocab:
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
+    def grammar_is_valid(self, grammar: str) -> bool:
+        """Whether llama.cpp parses this GBNF (root rule `root`): checked before a request is queued."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

@@ -328,3 +328,18 @@ def test_config_max_output_tokens_caps_requests(tiny_llama_gguf: Path) -> None:
     assert capped.usage is not None and capped.usage.completion_tokens == 5
     assert capped.choices[0].finish_reason == "length"
     assert chat.usage is not None and chat.usage.completion_tokens == 5
+
+
+def test_unparsable_grammar_is_400_even_when_streaming(server: Server) -> None:
+    with server.http() as http:
+        for body in (
+            {"messages": CHAT, "grammar": "root ::= (", "stream": True},
+            {"messages": CHAT, "grammar": "root ::= (", "stream": False},
+        ):
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "grammar"
+        ok = http.post(
+            "/v1/completions", json={"prompt": "a", "grammar": 'root ::= "yes" | "no"', "max_tokens": 4}
+        )
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] in ("yes", "no")
