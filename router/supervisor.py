@@ -60,6 +60,9 @@ class Supervisor:
             str(index),
             env=self._worker_env(index),
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            # Own session: Ctrl-C in a terminal (or `timeout`) signals the whole foreground process group;
+            # workers must not exit on their own then, the supervisor drains and stops them.
+            start_new_session=True,
         )
         self.processes[index] = process
         log.info("started worker %d (pid %d)", index, process.pid)
