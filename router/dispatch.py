@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,13 +68,6 @@ class RequestStream:
         # Several requests of one client call (one per prompt) may share a queue.
         self.queue: asyncio.Queue[FrameItem | WorkerFailure] = queue or asyncio.Queue()
         self.closed = False
-
-    async def items(self) -> AsyncIterator[FrameItem]:
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, WorkerFailure):
-                raise item
-            yield item
 
 
 class Dispatcher:

@@ -52,7 +52,6 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stopper: StopMatcher
     finished: bool = False
-    tokens_seen: int = 0
 
 
 @dataclass
@@ -138,7 +137,6 @@ class Generation:
         texts: list[str] = []
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
-        choice.tokens_seen += len(item.token_ids)
         self.usage.completion_tokens += len(item.token_ids) + (1 if item.finish == FINISH_STOP else 0)
         raw = "".join(texts)
         if item.finish is not None:

@@ -38,7 +38,6 @@ class PrefixRouter:
         self._entries: OrderedDict[int, int] = OrderedDict()  # entry id -> worker index, oldest first
         self._ids = itertools.count()
         self._turns = itertools.count()
-        self.routed_by_prefix = 0
 
     def choose(self, prompt: Sequence[int], workers: Sequence[Routable]) -> Routable:
         if len(workers) < 2:
@@ -58,7 +57,6 @@ class PrefixRouter:
         best = min(holders, key=lambda w: (w.load, w.index))
         if best.load >= best.slots:
             return least
-        self.routed_by_prefix += 1
         return best
 
     @staticmethod

@@ -31,9 +31,6 @@ class RadixTree:
         self._root = _Node([])
         self._registered: dict[int, list[int]] = {}
 
-    def __contains__(self, slot: int) -> bool:
-        return slot in self._registered
-
     def tokens_of(self, slot: int) -> list[int]:
         return self._registered.get(slot, [])
 

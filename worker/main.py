@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from types import FrameType
 from typing import Any
@@ -34,9 +35,19 @@ _EMBED_ONLY = "this is an embedding model: it serves /v1/embeddings only"
 
 
 class Heartbeat(threading.Thread):
-    """Sends the latest stats snapshot every interval until stopped."""
+    """Sends a stats snapshot every interval until stopped.
 
-    def __init__(self, context: zmq.Context[Any], endpoint: str, index: int, interval: float) -> None:
+    `snapshot` runs on this thread: the engine loop only keeps its counters current, and they are
+    copied four times a second rather than after every step."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        endpoint: str,
+        index: int,
+        interval: float,
+        snapshot: Callable[[], dict[str, Any]],
+    ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -45,7 +56,7 @@ class Heartbeat(threading.Thread):
         self._index = index
         self._interval = interval
         self._stop_event = threading.Event()
-        self.snapshot: dict[str, Any] = {}
+        self._snapshot = snapshot
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
@@ -53,7 +64,7 @@ class Heartbeat(threading.Thread):
                 "t": protocol.STATS,
                 "worker": self._index,
                 "pid": os.getpid(),
-                **self.snapshot,
+                **self._snapshot(),
             }
             with contextlib.suppress(zmq.Again):  # the router is gone or slow: skip this beat
                 self._socket.send(protocol.encode(message), zmq.NOBLOCK)
@@ -77,7 +88,7 @@ class WorkerProcess:
         self.results.setsockopt(zmq.LINGER, 2000)
         self.results.connect(config.results_endpoint())
         self.heartbeat = Heartbeat(
-            self.zmq, config.results_endpoint(), index, config.workers.heartbeat_interval_seconds
+            self.zmq, config.results_endpoint(), index, config.workers.heartbeat_interval_seconds, self._stats
         )
 
     def send(self, message: dict[str, Any]) -> None:
@@ -104,7 +115,6 @@ class WorkerProcess:
             disk = DiskTier(self.engine, self.config.disk_cache, model_path)
         self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
-        self.heartbeat.snapshot = self._stats()
         self.heartbeat.start()
         # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
         self.requests.send(
@@ -146,7 +156,6 @@ class WorkerProcess:
                 self.send(protocol.frames_message(self.scheduler.stats.steps_total, result.items))
             for rid, status, kind, message in result.errors:
                 self.send(protocol.error_message(rid, status, kind, message))
-            self.heartbeat.snapshot = self._stats()
 
     def _drain(self) -> None:
         while True:

@@ -10,7 +10,6 @@ request that could never fit is refused at submit rather than blocking the queue
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -77,7 +76,6 @@ class ActiveRequest:
     reserved_cells: int
     stop_ids: frozenset[int]
     sequences: list[Sequence] = field(default_factory=list)
-    admitted_at: float = 0.0
     cached_tokens: int = 0
 
     @property
@@ -157,7 +155,6 @@ class Scheduler:
         self.running: dict[str, ActiveRequest] = {}
         self.reserved = 0
         self.stats = SchedulerStats(kv_cells_total=self.kv_capacity)
-        self._step_no = 0
         vocab = engine.vocab
         self._eog = vocab.eog_ids
 
@@ -276,7 +273,6 @@ class Scheduler:
                 seq.seq_id = self.slots.acquire_empty(seq)
             request.sequences.append(seq)
         request.cached_tokens = request.leader.n_past
-        request.admitted_at = time.monotonic()
         self.reserved += request.reserved_cells
         self.running[submit.rid] = request
         self.stats.prompt_tokens_total += len(request.prompt)
@@ -344,7 +340,6 @@ class Scheduler:
             seq = next(pending, None)
 
         handled = self._decode(decoding, chunks, items, errors)
-        self._step_no += 1
         self.stats.steps_total += 1
         self._after_decode(decoding, chunks, items, errors, skip=handled)
         self._refresh_stats()
