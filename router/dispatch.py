@@ -181,11 +181,16 @@ class Dispatcher:
         request: SubmitRequest,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
     ) -> RequestStream:
-        worker = self.pick_worker(request.prompt)
-        stream = RequestStream(request.rid, worker.index, queue)
-        self.streams[request.rid] = stream
-        worker.in_flight.add(request.rid)
-        await self._send(worker.index, request.to_wire())
+        return await self._dispatch(self.pick_worker(request.prompt), request.rid, request.to_wire(), queue)
+
+    async def _dispatch(
+        self, worker: WorkerState, rid: str, message: dict[str, Any], queue: asyncio.Queue[Any] | None
+    ) -> RequestStream:
+        """Registers a request's stream on `worker` (so its replies and failures reach `queue`), sends it."""
+        stream = RequestStream(rid, worker.index, queue)
+        self.streams[rid] = stream
+        worker.in_flight.add(rid)
+        await self._send(worker.index, message)
         return stream
 
     async def cancel(self, stream: RequestStream) -> None:
@@ -204,14 +209,11 @@ class Dispatcher:
         The reply arrives on the request's stream queue where frames would, so a worker's `error` message
         and a worker's death (`mark_down`) fail it exactly as they fail a generation.
         """
-        worker = self.pick_worker()
         queue: asyncio.Queue[Any] = asyncio.Queue()  # carries the EmbeddingsReply or a WorkerFailure
-        stream = RequestStream(request.rid, worker.index, queue)
-        self.streams[request.rid] = stream
-        worker.in_flight.add(request.rid)
+        stream = RequestStream(request.rid, -1, queue)
         answered = False
         try:
-            await self._send(worker.index, request.to_wire())
+            stream = await self._dispatch(self.pick_worker(), request.rid, request.to_wire(), queue)
             reply = await queue.get()
             answered = True
         finally:
