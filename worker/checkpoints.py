@@ -13,7 +13,7 @@ import itertools
 from collections import OrderedDict
 
 from shared.radix import RadixTree
-from worker.disk_cache import read_seq_state, restore_seq_state
+from worker.disk_cache import read_seq_state
 from worker.engine import LlamaEngine
 
 
@@ -55,9 +55,7 @@ class MemoryCheckpoints:
         best = max(usable)[1]
         tokens, state = self._states[best]
         self._states.move_to_end(best)
-        self.engine.seq_rm(slot)
-        if not restore_seq_state(self.engine.ctx, slot, state):
-            self.engine.seq_rm(slot)
+        if not self.engine.replace_seq_state(slot, state):
             return 0
         self.restores += 1
         self.restored_tokens += len(tokens)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import DiskCacheOptions
-from worker.disk_cache import DiskSequenceCache, cache_fingerprint, read_seq_state, restore_seq_state
+from worker.disk_cache import DiskSequenceCache, cache_fingerprint, read_seq_state
 from worker.engine import LlamaEngine
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,8 @@ class DiskTier:
         loaded = self.cache.load(entry)
         if loaded is None:
             return held
-        self.engine.seq_rm(slot)  # restoring needs an empty sequence
-        if not restore_seq_state(self.engine.ctx, slot, loaded[1]):
+        if not self.engine.replace_seq_state(slot, loaded[1]):
             self.stats.restore_failures += 1
-            self.engine.seq_rm(slot)
             return 0
         held = entry.n_tokens
         if held >= len(prompt):  # keep one prompt token to decode: its logits start the output

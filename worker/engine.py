@@ -19,6 +19,7 @@ import numpy.typing as npt
 from shared.config import ModelOptions, WorkerOverride
 from shared.vocab import Vocab, init_backend
 from worker.batch import BatchBuffer
+from worker.disk_cache import restore_seq_state
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,15 @@ class LlamaEngine:
 
     def seq_cp(self, src: int, dst: int, start: int = -1, end: int = -1) -> None:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, start, end)
+
+    def replace_seq_state(self, seq_id: int, state: bytes) -> bool:
+        """Replaces the sequence's KV with a saved state (`llama_state_seq_get_data` bytes); on failure
+        the sequence is left empty, never half-restored."""
+        self.seq_rm(seq_id)
+        if restore_seq_state(self.ctx, seq_id, state):
+            return True
+        self.seq_rm(seq_id)
+        return False
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))

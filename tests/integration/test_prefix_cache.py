@@ -150,13 +150,7 @@ def test_disk_cache_survives_a_restart(tiny_llama_gguf: Path, tmp_path: Path) ->
 
 
 def complete_tokens(model_path: Path, text: str) -> int:
-    from shared.vocab import Vocab
-
-    vocab = Vocab.load(model_path)
-    try:
-        return len(vocab.tokenize(text, add_special=True, parse_special=True))
-    finally:
-        vocab.close()
+    return len(complete_tokens_list(model_path, text))
 
 
 FAMILIES = {
@@ -194,7 +188,7 @@ def complete_tokens_list(model_path: Path, text: str, bos: bool = True) -> list[
 
     vocab = Vocab.load(model_path)
     try:
-        return vocab.tokenize(text, add_special=bos, parse_special=False)
+        return vocab.tokenize(text, add_special=bos, parse_special=True)  # as the server tokenizes
     finally:
         vocab.close()
 
