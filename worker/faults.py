@@ -2,7 +2,9 @@
 
 Enabled only by the environment variable LLAMAFLEET_INJECT_FAULTS, e.g. `decode=boom,sampler=badseed`:
 a request whose id starts with `boom` has its llama_decode fail, one starting with `badseed` fails to build
-its sampler. Request ids come from the router, which takes a client's `X-Request-Id` header as prefix.
+its sampler; `start=` and `sample=` raise an unexpected exception (a stand-in for a bug in our own code)
+while starting or sampling such a request. Request ids come from the router, which takes a client's
+`X-Request-Id` header as prefix.
 """
 
 from __future__ import annotations
@@ -27,3 +29,7 @@ class FaultInjector:
     def check(self, where: str, rid: str) -> None:
         if self.triggered(where, rid):
             raise SamplerInitError(f"injected {where} failure")
+
+    def bug(self, where: str, rid: str) -> None:
+        if self.triggered(where, rid):
+            raise RuntimeError(f"injected {where} bug")

@@ -178,6 +178,10 @@ class Scheduler:
             )
         if self._cells_needed(submit) > self.kv_capacity:
             raise RequestRejected("the request needs more KV cells than this worker has")
+        # The penalty sampler allocates a ring of penalty_last_n tokens: no sequence holds more than the
+        # context, and -1 (llama-server's "the whole context") means exactly that.
+        last_n = submit.sampling.penalty_last_n
+        submit.sampling.penalty_last_n = self.n_ctx_seq if last_n < 0 else min(last_n, self.n_ctx_seq)
 
     def _cells_needed(self, submit: SubmitRequest) -> int:
         if self.kv_unified:  # siblings share the prompt's cells
@@ -240,10 +244,16 @@ class Scheduler:
             except SamplerInitError as error:
                 errors.append((request.submit.rid, 400, "invalid_request_error", str(error)))
                 self.stats.requests_failed_total += 1
+            except Exception as error:  # a bug met by one request fails that request, not the worker
+                log.exception("starting request %s failed", request.submit.rid)
+                self._release(request, keep_kv=False)
+                errors.append((request.submit.rid, 500, "server_error", f"internal error: {error}"))
+                self.stats.requests_failed_total += 1
 
     def _start(self, request: ActiveRequest, plan: ReusePlan) -> None:
         submit = request.submit
         self.faults.check("sampler", submit.rid)
+        self.faults.bug("start", submit.rid)
         vocab_ptr = self.engine.vocab._vocab
         samplers: list[SamplerChain] = []
         try:
@@ -442,7 +452,17 @@ class Scheduler:
     ) -> None:
         request = seq.request
         submit = request.submit
-        token = seq.sampler.sample(self.engine.ctx, row)
+        if seq.finished:  # a sibling's failure ended the whole request this step
+            return
+        try:
+            self.faults.bug("sample", submit.rid)
+            token = seq.sampler.sample(self.engine.ctx, row)
+        except Exception as error:  # one request's sampler bug must not take the worker down
+            log.exception("sampling for request %s failed", submit.rid)
+            errors.append((submit.rid, 500, "server_error", f"internal error while sampling: {error}"))
+            self.stats.requests_failed_total += 1
+            self._release(request, keep_kv=False)
+            return
         seq.generated += 1
         self.stats.generated_tokens_total += 1
         finish: str | None = None

@@ -301,23 +301,28 @@ def test_queue_overflow_answers_429(smollm2_gguf: Path) -> None:
 
 
 def test_injected_failures_fail_one_request_only(tiny_llama_gguf: Path) -> None:
-    env = {"LLAMAFLEET_INJECT_FAULTS": "decode=boom,sampler=badsampler"}
+    env = {"LLAMAFLEET_INJECT_FAULTS": "decode=boom,sampler=badsampler,start=bugstart,sample=bugsample"}
     with run_server(model_config(tiny_llama_gguf), env=env) as server, server.http() as http:
+        workers_before = server.workers()
         body = {"prompt": "hello", "max_tokens": 200, "temperature": 0}
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
             healthy = pool.submit(http.post, "/v1/completions", json=body)
-            broken = pool.submit(http.post, "/v1/completions", json=body, headers={"x-request-id": "boom"})
-            bad_sampler = pool.submit(
-                http.post, "/v1/completions", json=body, headers={"x-request-id": "badsampler"}
-            )
+            failing = {
+                rid: pool.submit(http.post, "/v1/completions", json=body, headers={"x-request-id": rid})
+                for rid in ("boom", "badsampler", "bugstart", "bugsample")
+            }
         assert healthy.result().status_code == 200
         assert healthy.result().json()["usage"]["completion_tokens"] == 200
-        assert broken.result().status_code == 500
-        assert broken.result().json()["error"]["type"] == "server_error"
-        assert bad_sampler.result().status_code == 400
+        statuses = {rid: future.result().status_code for rid, future in failing.items()}
+        assert statuses == {"boom": 500, "badsampler": 400, "bugstart": 500, "bugsample": 500}
+        for rid in ("boom", "bugstart", "bugsample"):
+            assert failing[rid].result().json()["error"]["type"] == "server_error"
         after = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
         assert after.status_code == 200
-        server.wait_metric('llamafleet_worker_requests_failed_total{worker="0"}', 2)
+        server.wait_metric('llamafleet_worker_requests_failed_total{worker="0"}', 4)
+        # The same worker process served everything: no failure took it down.
+        assert server.workers() == workers_before
+        assert "restarting" not in server.log()
 
 
 def test_config_max_output_tokens_caps_requests(tiny_llama_gguf: Path) -> None:
