@@ -2,8 +2,10 @@
 
 A reader task demultiplexes `frames` by request id into per-request asyncio queues; a watchdog marks a
 worker down when its heartbeats stop and fails its in-flight requests at once with a 503, so a client never
-hangs on a dead worker. Workers announce themselves with `ready`; the supervisor (when the router runs one)
-reports process exits directly through `mark_down`.
+hangs on a dead worker, and asks the supervisor (if any) to kill and replace it. Workers announce themselves
+with `ready`; a worker that sends heartbeats but is not known as ready (this router just restarted, or gave
+up on it) gets a `hello` listing the requests still awaited from it, drops the rest and answers `ready`. The
+supervisor (when the router runs under one) reports process exits through `mark_down`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,10 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self.ready_event = asyncio.Event()
         self.router = PrefixRouter(enabled=config.workers.routing == "prefix")
+        # Set by a supervisor link: a worker became ready; a worker stopped answering (index, pid).
+        self.on_ready: Callable[[int], None] | None = None
+        self.on_unresponsive: Callable[[int, int], None] | None = None
+        self._hello_sent: dict[int, float] = {}
 
     async def start(self) -> None:
         for endpoint in (self.config.requests_endpoint(), self.config.results_endpoint()):
@@ -151,6 +158,12 @@ class Dispatcher:
             if stream is not None:
                 stream.queue.put_nowait(failure)
         worker.in_flight.clear()
+
+    def fail_all(self, status: int, kind: str, message: str) -> None:
+        """Ends every request in flight with a failure (the server is going away)."""
+        failure = WorkerFailure(status, kind, message)
+        for stream in list(self.streams.values()):
+            stream.queue.put_nowait(failure)
 
     def pick_worker(self, prompt: list[int] | None = None) -> WorkerState:
         """The worker most likely to hold the prompt's prefix, else the least-loaded ready one."""
@@ -239,11 +252,6 @@ class Dispatcher:
         if worker is not None:
             worker.in_flight.discard(rid)
 
-    async def send_shutdown(self) -> None:
-        for worker in self.up_workers():
-            with contextlib.suppress(zmq.ZMQError):
-                await self._send(worker.index, {"t": protocol.SHUTDOWN})
-
     async def _send(self, index: int, message: dict[str, Any]) -> None:
         assert self._requests is not None
         try:
@@ -305,18 +313,19 @@ class Dispatcher:
         worker = self.workers.setdefault(index, WorkerState(index))
         worker.last_seen = time.monotonic()
         if kind == protocol.READY:
-            worker.pid = int(message["pid"])
+            pid = int(message["pid"])
+            if not (worker.up and worker.pid == pid):
+                log.info("worker %d ready (pid %d)", index, pid)
+            worker.pid = pid
             worker.info = message["info"]
             worker.up = True
-            log.info("worker %d ready (pid %d)", index, worker.pid)
             self.ready_event.set()
+            if self.on_ready is not None:
+                self.on_ready(index)
         elif kind == protocol.STATS:
-            if worker.pid and int(message.get("pid", worker.pid)) != worker.pid:
+            if worker.up and worker.pid and int(message.get("pid", worker.pid)) != worker.pid:
                 return  # a late heartbeat from a previous process of this index
             worker.stats = message
-            if not worker.up and worker.info:
-                log.info("worker %d is answering again", index)
-                worker.up = True
 
     async def _watchdog(self) -> None:
         timeout = self.config.workers.heartbeat_timeout_seconds
@@ -324,6 +333,20 @@ class Dispatcher:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            for worker in self.up_workers():
-                if now - worker.last_seen > timeout:
+            for worker in list(self.workers.values()):
+                if worker.up and now - worker.last_seen > timeout:
                     self.mark_down(worker.index, f"stopped sending heartbeats for {timeout:.1f}s")
+                    if self.on_unresponsive is not None:
+                        self.on_unresponsive(worker.index, worker.pid)
+                elif not worker.up and now - worker.last_seen < timeout:
+                    await self._hello(worker, now)
+
+    async def _hello(self, worker: WorkerState, now: float) -> None:
+        """A worker that beats but is not ready here: ask it to drop what we no longer await and re-join."""
+        if now - self._hello_sent.get(worker.index, 0.0) < 0.5:
+            return
+        self._hello_sent[worker.index] = now
+        assert self._requests is not None
+        payload = protocol.encode(protocol.hello_message(sorted(worker.in_flight)))
+        with contextlib.suppress(zmq.ZMQError):  # not connected (yet): the next beat tries again
+            await self._requests.send_multipart([protocol.worker_identity(worker.index), payload])

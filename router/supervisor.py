@@ -1,8 +1,11 @@
-"""`llamafleet serve`: start the configured workers, keep them alive, and run the router in this process.
+"""`llamafleet serve`: start the router and the configured workers as processes and keep them all alive.
 
-The router learns of a worker's death from the process itself (immediately) rather than waiting for its
-heartbeats to stop, fails that worker's in-flight requests with a 503, and starts a replacement. Workers are
-started with PR_SET_PDEATHSIG so that even a SIGKILLed supervisor leaves no orphan holding a GPU.
+The supervisor serves no HTTP itself, so nothing a request does can take it down: it restarts a router that
+dies (workers keep their state and caches; the new router re-handshakes with them) and a worker that dies.
+It talks to the router over a socket pair it hands down at start: it reports worker exits (the router fails
+their requests at once with a 503, instead of waiting for heartbeats to stop) and the router reports workers
+that are ready or have stopped answering heartbeats (a hung worker is killed here and replaced). Children
+get PR_SET_PDEATHSIG, so even a SIGKILLed supervisor leaves no orphan holding a GPU.
 """
 
 from __future__ import annotations
@@ -10,18 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
+import socket
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from router.state import ServerState
 from shared.config import Config
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Router exit codes that mean "cannot start" (a config error, the port is taken): restarting won't help.
+ROUTER_CONFIG_ERROR = 2
+ROUTER_START_FAILED = 3
+_FATAL_ROUTER_CODES = frozenset({ROUTER_CONFIG_ERROR, ROUTER_START_FAILED})
+_WORKER_STOP_SECONDS = 10.0
 
 
 def _die_with_parent() -> None:
@@ -30,85 +42,220 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@dataclass
+class RestartPolicy:
+    """Back-off before restarting a process: grows with consecutive crashes, and a process that ran for
+    `stable_after` seconds counts as healthy again (crashes minutes apart are not a crash loop)."""
+
+    base: float
+    stable_after: float = 30.0
+    max_factor: int = 10
+    failures: int = 0
+
+    def delay(self, uptime: float) -> float:
+        self.failures = 1 if uptime >= self.stable_after else self.failures + 1
+        return self.base * min(self.failures, self.max_factor)
+
+
+@dataclass
+class Child:
+    """One supervised process and its restart state."""
+
+    name: str
+    policy: RestartPolicy
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+
+
 class Supervisor:
-    def __init__(self, config: Config, config_path: Path) -> None:
+    def __init__(self, config: Config, config_path: Path, router_args: list[str]) -> None:
         self.config = config
         self.config_path = config_path
-        self.processes: dict[int, asyncio.subprocess.Process] = {}
-        self.restarts: dict[int, int] = {}
+        self.router_args = router_args
+        backoff = config.workers.restart_backoff_seconds
+        self.router = Child("router", RestartPolicy(backoff))
+        self.workers = {i: Child(f"worker {i}", RestartPolicy(backoff)) for i in range(config.workers.count)}
+        self.ready: set[int] = set()
+        self._ready_changed = asyncio.Event()
+        self._stop = asyncio.Event()
         self._stopping = False
-        self._monitors: list[asyncio.Task[None]] = []
+        self._fatal: str | None = None
+        self._link: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
-    def _worker_env(self, index: int) -> dict[str, str]:
+    # -- processes -------------------------------------------------------------------------------
+
+    def _env(self, index: int | None) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(self.config.workers.env)
-        env.update(self.config.workers.override_for(index).env)
-        # The router may have been given another port on its command line: pass the endpoints it bound.
+        if index is not None:
+            env.update(self.config.workers.env)
+            env.update(self.config.workers.override_for(index).env)
+        # The router may have been given another port on the command line: pass the endpoints it binds.
         env["LLAMAFLEET_WORKERS__REQUESTS_ENDPOINT"] = self.config.requests_endpoint()
         env["LLAMAFLEET_WORKERS__RESULTS_ENDPOINT"] = self.config.results_endpoint()
         return env
 
-    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
+    async def _exec(self, args: list[str], env: dict[str, str], **kwargs: Any) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "shared.cli",
-            "worker",
+            *args,
             "-C",
             str(self.config_path),
-            "--index",
-            str(index),
-            env=self._worker_env(index),
+            env=env,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             # Own session: Ctrl-C in a terminal (or `timeout`) signals the whole foreground process group;
-            # workers must not exit on their own then, the supervisor drains and stops them.
+            # children must not exit on their own then, the supervisor drains and stops them.
             start_new_session=True,
+            **kwargs,
         )
-        self.processes[index] = process
-        log.info("started worker %d (pid %d)", index, process.pid)
-        return process
 
-    async def start(self, state: ServerState) -> None:
-        for index in range(self.config.workers.count):
-            await self._spawn(index)
-            self._monitors.append(asyncio.create_task(self._monitor(index, state)))
-        ready = await state.dispatcher.wait_ready(
-            self.config.workers.count, self.config.workers.ready_timeout_seconds
-        )
-        if not ready:
-            await self.stop(state)
-            raise RuntimeError("workers did not become ready in time; see the log above")
+    async def _spawn_worker(self, index: int) -> None:
+        child = self.workers[index]
+        child.process = await self._exec(["worker", "--index", str(index)], self._env(index))
+        child.started_at = time.monotonic()
+        log.info("started worker %d (pid %d)", index, child.process.pid)
 
-    async def _monitor(self, index: int, state: ServerState) -> None:
+    async def _spawn_router(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            child = self.router
+            child.process = await self._exec(
+                ["router", *self.router_args, "--control-fd", str(theirs.fileno())],
+                self._env(None),
+                pass_fds=(theirs.fileno(),),
+            )
+            child.started_at = time.monotonic()
+        finally:
+            theirs.close()
+        reader, self._link = await asyncio.open_unix_connection(sock=ours)
+        self._tasks.append(asyncio.create_task(self._read_link(reader), name="supervisor-link"))
+        log.info("started router (pid %d)", child.process.pid)
+
+    async def _watch(self, child: Child, respawn: Any) -> None:
+        """Waits for the child to exit and restarts it after its back-off, until the supervisor stops."""
         while not self._stopping:
-            process = self.processes[index]
-            code = await process.wait()
+            assert child.process is not None
+            code = await child.process.wait()
             if self._stopping:
                 return
-            state.dispatcher.mark_down(index, f"exited with code {code}")
-            self.restarts[index] = self.restarts.get(index, 0) + 1
-            backoff = self.config.workers.restart_backoff_seconds * min(self.restarts[index], 10)
-            log.warning("worker %d exited (%s); restarting in %.1fs", index, code, backoff)
-            await asyncio.sleep(backoff)
+            await self._exited(child, code)
+            if self._stopping or self._fatal is not None:
+                return
+            delay = child.policy.delay(time.monotonic() - child.started_at)
+            log.warning("%s exited (code %s); restarting in %.1fs", child.name, code, delay)
+            await asyncio.sleep(delay)
             if not self._stopping:
-                await self._spawn(index)
+                await respawn()
 
-    async def stop(self, state: ServerState) -> None:
-        """Asks workers to drain and exit; kills those that do not within the drain timeout."""
-        self._stopping = True
-        for task in self._monitors:
-            task.cancel()
-        await state.dispatcher.send_shutdown()
-        for process in self.processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        timeout = self.config.server.drain_timeout_seconds + 5
-        for index, process in self.processes.items():
+    async def _exited(self, child: Child, code: int) -> None:
+        if child is self.router:
+            self._link = None
+            if code in _FATAL_ROUTER_CODES and not self.ready:
+                self._fatal = f"the router could not start (exit code {code}); see the log above"
+                self._stop.set()
+            return
+        index = next(i for i, c in self.workers.items() if c is child)
+        self.ready.discard(index)
+        await self._tell({"t": "worker_exited", "worker": index, "code": code})
+
+    # -- the link to the router -----------------------------------------------------------------
+
+    async def _tell(self, message: dict[str, Any]) -> None:
+        link = self._link
+        if link is None:
+            return
+        with contextlib.suppress(ConnectionError, OSError):
+            link.write(json.dumps(message).encode() + b"\n")
+            await link.drain()
+
+    async def _read_link(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
             try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except asyncio.TimeoutError:
-                log.warning("worker %d did not stop in %.0fs; killing it", index, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+                message = json.loads(line)
+                kind, index = message["t"], int(message["worker"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("bad message from the router: %r", line[:200])
+                continue
+            if kind == "worker_ready":
+                self.ready.add(index)
+                self._ready_changed.set()
+            elif kind == "worker_unresponsive":
+                self._kill_hung(index, int(message.get("pid", 0)))
+
+    def _kill_hung(self, index: int, pid: int) -> None:
+        """A worker that stopped answering heartbeats: kill it (SIGKILL reaches a stopped process too);
+        its watcher restarts it."""
+        child = self.workers.get(index)
+        process = child.process if child is not None else None
+        if process is None or process.returncode is not None or (pid and process.pid != pid):
+            return  # already gone, or a newer process of that index
+        log.warning("worker %d (pid %d) stopped answering heartbeats; killing it", index, process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._spawn_router()
+        self._tasks.append(asyncio.create_task(self._watch(self.router, self._spawn_router)))
+        for index in self.workers:
+            await self._spawn_worker(index)
+            self._tasks.append(
+                asyncio.create_task(self._watch(self.workers[index], lambda i=index: self._spawn_worker(i)))
+            )
+        ready = await self._wait_ready()
+        if not ready and self._fatal is None and not self._stop.is_set():
+            self._fatal = "workers did not become ready in time; see the log above"
+        if self._fatal is None:
+            await self._stop.wait()
+        await self._shutdown()
+        if self._fatal is not None:
+            log.error("%s", self._fatal)
+            return 1
+        return 0
+
+    async def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.config.workers.ready_timeout_seconds
+        while len(self.ready) < len(self.workers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                return False
+            self._ready_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ready_changed.wait(), min(remaining, 0.5))
+        log.info("all %d workers ready", len(self.workers))
+        return True
+
+    async def _shutdown(self) -> None:
+        """The router drains first (in-flight requests finish within the drain timeout), then workers stop."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        drain = self.config.server.drain_timeout_seconds
+        await self._terminate(self.router, drain + 10.0)
+        for child in self.workers.values():
+            await self._terminate(child, _WORKER_STOP_SECONDS, wait=False)
+        for child in self.workers.values():
+            await self._terminate(child, _WORKER_STOP_SECONDS)
+
+    async def _terminate(self, child: Child, timeout: float, wait: bool = True) -> None:
+        process = child.process
+        if process is None:
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        if not wait:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop in %.0fs; killing it", child.name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()

@@ -31,11 +31,68 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--host", help="override server.host")
             command.add_argument("--port", type=int, help="override server.port")
+        if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
+            command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-def _run_http(args: argparse.Namespace, supervised: bool) -> int:
+def _serve(args: argparse.Namespace) -> int:
+    """The supervisor: router and workers as child processes (router/supervisor.py)."""
+    import asyncio
+
+    from router.supervisor import Supervisor
+
+    config = load_config(args.config)
+    router_args: list[str] = []
+    if args.host:
+        config.server.host = args.host
+        router_args += ["--host", args.host]
+    if args.port is not None:
+        config.server.port = args.port
+        router_args += ["--port", str(args.port)]
+    return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    import asyncio
+    from types import FrameType
+
     import uvicorn
+
+    from router.app import create_app
+    from router.state import ServerState
+    from router.supervisor import ROUTER_START_FAILED
+
+    config = load_config(args.config)
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    drain_seconds = config.server.drain_timeout_seconds
+    loop: asyncio.AbstractEventLoop | None = None
+    link = None
+
+    async def on_startup(state: ServerState) -> None:
+        nonlocal loop, link
+        loop = asyncio.get_running_loop()
+        if args.control_fd is not None:
+            from router.supervisor_link import SupervisorLink
+
+            link = SupervisorLink(args.control_fd, state.dispatcher)
+            await link.start()
+
+    async def on_shutdown(state: ServerState) -> None:
+        if link is not None:
+            await link.close()
+
+    app = create_app(config, on_startup=on_startup, on_shutdown=on_shutdown)
+
+    def cut_off_stragglers() -> None:
+        """The drain timeout ran out: end what is still running with an error (an SSE error event for
+        streams) instead of letting the server cut the connections mid-body."""
+        app.state.llamafleet.dispatcher.fail_all(
+            503, "service_unavailable", "the server is shutting down and its drain timeout ran out"
+        )
 
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown; a drained service should exit 0."""
@@ -50,31 +107,23 @@ def _run_http(args: argparse.Namespace, supervised: bool) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    from router.app import create_app
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit and loop is not None:
+                loop.call_soon_threadsafe(loop.call_later, drain_seconds, cut_off_stragglers)
+            super().handle_exit(sig, frame)
 
-    config = load_config(args.config)
-    if args.host:
-        config.server.host = args.host
-    if args.port is not None:
-        config.server.port = args.port
-    hooks = {}
-    if supervised:
-        from router.supervisor import Supervisor
-
-        supervisor = Supervisor(config, args.config.resolve())
-        hooks = {"on_startup": supervisor.start, "on_shutdown": supervisor.stop}
-    app = create_app(config, **hooks)
     server = DrainingServer(
         uvicorn.Config(
             app,
             host=config.server.host,
             port=config.server.port,
             log_level="warning",
-            timeout_graceful_shutdown=int(config.server.drain_timeout_seconds) or None,
+            # A backstop only: streams still running at the drain timeout were already ended above.
+            timeout_graceful_shutdown=drain_seconds + 2.0,  # type: ignore[arg-type]
         )
     )
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started else ROUTER_START_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             from worker.main import run_worker
 
             return run_worker(load_config(args.config), args.index)
-        return _run_http(args, supervised=args.command == "serve")
+        if args.command == "serve":
+            return _serve(args)
+        return _run_router(args)
     except ConfigError as error:
         print(f"llamafleet: {error}", file=sys.stderr)
         return 2

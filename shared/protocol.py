@@ -20,6 +20,10 @@ SUBMIT = "submit"
 CANCEL = "cancel"
 EMBED = "embed"
 SHUTDOWN = "shutdown"
+# Router -> worker: "who are you?" from a router that does not know the worker as ready (just started, or
+# it marked the worker down). Carries the request ids the router still waits for on that worker; the
+# worker cancels every other request it holds (their clients are gone) and answers `ready`.
+HELLO = "hello"
 READY = "ready"
 FRAMES = "frames"
 ERROR = "error"
@@ -146,6 +150,10 @@ def parse_frame_items(message: dict[str, Any]) -> list[FrameItem]:
             parsed_lp = [TokenLogprob(lp, [(int(t), float(p)) for t, p in top]) for lp, top in logprobs]
         items.append(FrameItem(rid, choice, tokens, parsed_lp, finish, usage))
     return items
+
+
+def hello_message(live: list[str]) -> dict[str, Any]:
+    return {"t": HELLO, "live": live}
 
 
 def error_message(rid: str, status: int, kind: str, message: str) -> dict[str, Any]:

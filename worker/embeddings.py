@@ -211,6 +211,9 @@ class EmbeddingService:
                 return f"input[{index}] token id {bad} is out of range [0, {self.n_vocab})"
         return None
 
+    def request_ids(self) -> list[str]:
+        return [r.rid for r in self.queue]
+
     def cancel(self, rid: str) -> bool:
         kept = [r for r in self.queue if r.rid != rid]
         cancelled = len(kept) != len(self.queue)

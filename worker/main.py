@@ -116,18 +116,7 @@ class WorkerProcess:
         self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
-        # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
-        self.requests.send(
-            protocol.encode(
-                {
-                    "t": protocol.READY,
-                    "worker": self.index,
-                    "pid": os.getpid(),
-                    "model": self.config.model.served_name,
-                    "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
-                }
-            )
-        )
+        self._announce()
         log.info("worker %d ready: %s", self.index, self.engine.info)
         try:
             self._loop()
@@ -139,6 +128,33 @@ class WorkerProcess:
             self.requests.close()
             self.results.close()
             self.zmq.term()
+
+    def _announce(self) -> None:
+        """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
+        self.requests.send(
+            protocol.encode(
+                {
+                    "t": protocol.READY,
+                    "worker": self.index,
+                    "pid": os.getpid(),
+                    "model": self.config.model.served_name,
+                    "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
+                }
+            )
+        )
+
+    def _hello(self, live: set[str]) -> None:
+        """A router (re)started, or gave up on this worker for a while: drop what nobody waits for."""
+        dropped = [rid for rid in self.scheduler.request_ids() if rid not in live]
+        dropped += [rid for rid in self.embeddings.request_ids() if rid not in live]
+        for rid in dropped:
+            if not self.scheduler.cancel(rid):
+                self.embeddings.cancel(rid)
+        if dropped:
+            log.warning(
+                "worker %d dropped %d requests the router no longer waits for", self.index, len(dropped)
+            )
+        self._announce()
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -191,6 +207,8 @@ class WorkerProcess:
         elif kind == protocol.CANCEL:
             if not self.scheduler.cancel(message["rid"]):
                 self.embeddings.cancel(message["rid"])
+        elif kind == protocol.HELLO:
+            self._hello(set(message.get("live") or ()))
         elif kind == protocol.SHUTDOWN:
             self.stopping = True
         else:

@@ -214,6 +214,10 @@ class Scheduler:
         self._release(running)
         return True
 
+    def request_ids(self) -> list[str]:
+        """Every request held, running or waiting."""
+        return [*self.running, *(r.submit.rid for r in self.waiting)]
+
     @property
     def idle(self) -> bool:
         return not self.running and not self.waiting

@@ -33,15 +33,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def worker_pids(supervisor_pid: int) -> list[int]:
-    """Direct children of the supervisor (its worker processes)."""
+def child_pids(supervisor_pid: int, role: str) -> list[int]:
+    """Direct children of the supervisor running `llamafleet ROLE` (`worker` or `router`)."""
     out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(supervisor_pid)],
+        ["ps", "-o", "pid=,args=", "--ppid", str(supervisor_pid)],
         capture_output=True,
         text=True,
         check=False,
     )
-    return [int(p) for p in out.stdout.split()]
+    pids = []
+    for line in out.stdout.splitlines():
+        pid, _, command = line.strip().partition(" ")
+        if f"shared.cli {role} " in command:
+            pids.append(int(pid))
+    return pids
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The supervisor's worker processes."""
+    return child_pids(supervisor_pid, "worker")
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,6 +115,12 @@ class Server:
         self._seen_workers.update(pids)
         return pids
 
+    def router_pid(self) -> int | None:
+        """The supervisor's router process (None between a router's death and its restart)."""
+        pids = child_pids(self.process.pid, "router")
+        self._seen_workers.update(pids)
+        return pids[0] if pids else None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -122,6 +138,7 @@ class Server:
 
     def stop(self, timeout: float = 60.0) -> int:
         self.workers()
+        self.router_pid()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
