@@ -184,7 +184,10 @@ class WorkerProcess:
             except protocol.ProtocolError as error:
                 log.error("dropping a bad message: %s", error)
                 continue
-            self._handle(message)
+            try:
+                self._handle(message)
+            except Exception:  # a malformed message (missing or mistyped fields) must not end the worker
+                log.exception("dropping a message that could not be handled: %.200r", message)
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["t"]
