@@ -70,6 +70,7 @@ def _run_http(args: argparse.Namespace, supervised: bool) -> int:
             host=config.server.host,
             port=config.server.port,
             log_level="warning",
+            ws_max_size=config.server.max_request_bytes,
             timeout_graceful_shutdown=int(config.server.drain_timeout_seconds) or None,
         )
     )
