@@ -52,6 +52,7 @@ def create_app(
             if on_shutdown is not None:
                 await on_shutdown(state)
             await state.dispatcher.close()
+            state.preparer.close()  # before the vocabulary it may be using goes
             state.vocab.close()
 
     app = FastAPI(title="llamafleet", lifespan=lifespan)

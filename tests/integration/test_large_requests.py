@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,99 @@ def test_a_websocket_message_over_the_limit_closes_the_socket(server: Server) ->
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     with server.http() as http:
         assert http.get("/healthz").status_code == 200
+
+
+def _schema(fields: int, note: int = 0) -> dict[str, Any]:
+    """An object schema of `fields` members; `note` bytes of description each bulk it up cheaply
+    (llama.cpp refuses grammars of much over a thousand such members)."""
+    member = {
+        "type": "object",
+        "description": "n" * note,
+        "properties": {
+            "a": {"type": "string"},
+            "b": {"type": "integer"},
+            "c": {"enum": ["x", "y"]},
+        },
+    }
+    return {"type": "object", "properties": {f"field_{i}": member for i in range(fields)}}
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
+    with server.http(timeout=120) as http:
+        return http.post(path, json=body)
+
+
+def test_large_prompts_are_tokenized_off_the_event_loop(server: Server) -> None:
+    prompt = "word " * ((LIMIT - 4096) // 5)  # ~4 MB: allowed, tokenized, then too long for the context
+    with HealthProbe(server) as probe, ThreadPoolExecutor(6) as pool:
+        started = time.monotonic()
+        replies = list(pool.map(lambda _: _post(server, "/v1/completions", {"prompt": prompt}), range(6)))
+        elapsed = time.monotonic() - started
+    print(
+        f"6 x 4 MB prompts: answered in {elapsed * 1000:.0f} ms; /healthz worst {probe.worst * 1000:.1f} ms"
+    )
+    for reply in replies:
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["code"] == "context_length_exceeded"
+    assert probe.worst < HANG_BOUND
+
+
+def test_a_large_allowed_schema_is_built_off_the_event_loop(server: Server) -> None:
+    schema = _schema(800, note=180)  # about 250 KB of JSON, just under the schema limit
+    body = {
+        "prompt": "{",
+        "max_tokens": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}},
+    }
+    with HealthProbe(server) as probe, ThreadPoolExecutor(3) as pool:
+        started = time.monotonic()
+        replies = list(pool.map(lambda _: _post(server, "/v1/completions", body), range(3)))
+        elapsed = time.monotonic() - started
+    print(
+        f"3 x 250 KB schemas: answered in {elapsed * 1000:.0f} ms; /healthz worst {probe.worst * 1000:.1f} ms"
+    )
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+    assert probe.worst < HANG_BOUND
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        (
+            "/v1/completions",
+            {
+                "prompt": "{",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": _schema(3000)},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": _schema(3000)}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "{", "grammar": "root ::= " + " | ".join(['"a"'] * 300_000)},
+            "grammar",
+        ),
+    ],
+    ids=["json_schema", "tools", "grammar"],
+)
+def test_oversized_schemas_and_grammars_are_400_naming_the_field(
+    server: Server, path: str, extra: dict[str, Any], param: str
+) -> None:
+    reply = _post(server, path, {"max_tokens": 1, **extra})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param
+    assert error["code"] in ("schema_too_large", "grammar_too_large")
+    assert len(server.log()) < 200_000  # nothing logged the whole schema or grammar
