@@ -178,3 +178,20 @@ def test_disconnect_in_the_middle_of_a_tool_call(server: Server, stream: bool) -
     )
     assert metric(server, "llamafleet_worker_running_sequences") == 1, "the tool call already ended"
     hang_up(server, sock, f"tool call stream={stream}")
+
+
+@STREAMS
+def test_disconnect_from_a_response_while_decoding(server: Server, stream: bool) -> None:
+    start = metric(server, "llamafleet_worker_generated_tokens_total")
+    body = {
+        "input": f"responses-{stream} Tell me a story.",
+        "max_output_tokens": MAX_TOKENS,
+        "stream": stream,
+    }
+    sock = open_request(server, "/v1/responses", body)
+    wait_for(
+        lambda: metric(server, "llamafleet_worker_generated_tokens_total") >= start + 8,
+        "decoding to start",
+    )
+    assert metric(server, "llamafleet_worker_running_sequences") == 1, "the response already ended"
+    hang_up(server, sock, f"decoding /v1/responses stream={stream}")
