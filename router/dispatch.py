@@ -123,7 +123,8 @@ class Dispatcher:
     # -- workers --------------------------------------------------------------------------------
 
     def up_workers(self) -> list[WorkerState]:
-        return [w for w in self.workers.values() if w.up]
+        # list() copies in one step: request preparation reads this from pool threads (offload.py).
+        return [w for w in list(self.workers.values()) if w.up]
 
     def model_info(self) -> dict[str, Any]:
         """The `info` of any ready worker (they all serve the same model)."""
