@@ -18,6 +18,7 @@ from router.chat import create_chat_completion
 from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
 from router.errors import APIError, error_response, install_error_handlers
+from router.limits import BodySizeLimit
 from router.responses import ResponsesRequest
 from router.responses_stream import create_response
 from router.responses_ws import serve_responses_websocket
@@ -51,11 +52,13 @@ def create_app(
             if on_shutdown is not None:
                 await on_shutdown(state)
             await state.dispatcher.close()
+            state.preparer.close()  # before the vocabulary it may be using goes
             state.vocab.close()
 
     app = FastAPI(title="llamafleet", lifespan=lifespan)
     app.state.llamafleet = state
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -59,9 +59,9 @@ def _build_generation(
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Any:
     state.check_model(body.model)
-    state.admit()
-    generation, plan = _build_generation(state, body, http)
-    await generation.start()
+    with state.admission.reserve(body.n, "n"):
+        generation, plan = await state.preparer.run(_build_generation, state, body, http)
+        await generation.start()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     outputs = [plan.outputs() for _ in range(body.n)]

@@ -79,11 +79,19 @@ def _echo_text(state: ServerState, body: CompletionRequest, index: int, n: int) 
     return prompt if isinstance(prompt, str) else state.vocab.detokenize(list(prompt))
 
 
+def _sequences(body: CompletionRequest) -> int:
+    """What admission charges the call: a sequence per prompt and choice."""
+    try:
+        return len(body.prompts()) * body.n
+    except ValueError as error:
+        raise APIError(400, str(error), param="prompt") from error
+
+
 async def create_completion(state: ServerState, body: CompletionRequest, http: Request) -> Any:
     state.check_model(body.model)
-    state.admit()
-    generation = _build_generation(state, body, http)
-    await generation.start()
+    with state.admission.reserve(_sequences(body), "n" if body.n > 1 else "prompt"):
+        generation = await state.preparer.run(_build_generation, state, body, http)
+        await generation.start()
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:

@@ -64,10 +64,15 @@ class RequestStream:
     """Frame items (or a failure) for one submitted request, consumed by its HTTP handler."""
 
     def __init__(
-        self, rid: str, worker: int, queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None
+        self,
+        rid: str,
+        worker: int,
+        queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
+        sequences: int = 1,
     ) -> None:
         self.rid = rid
         self.worker = worker
+        self.sequences = sequences  # what admission charges it (see router/admission.py)
         # Several requests of one client call (one per prompt) may share a queue.
         self.queue: asyncio.Queue[FrameItem | WorkerFailure] = queue or asyncio.Queue()
         self.closed = False
@@ -125,7 +130,8 @@ class Dispatcher:
     # -- workers --------------------------------------------------------------------------------
 
     def up_workers(self) -> list[WorkerState]:
-        return [w for w in self.workers.values() if w.up]
+        # list() copies in one step: request preparation reads this from pool threads (offload.py).
+        return [w for w in list(self.workers.values()) if w.up]
 
     def model_info(self) -> dict[str, Any]:
         """The `info` of any ready worker (they all serve the same model)."""
@@ -184,6 +190,15 @@ class Dispatcher:
     def in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self.workers.values())
 
+    def in_flight_sequences(self) -> int:
+        """Sequences of the requests in flight (a request with `n` choices holds `n`)."""
+        total = 0
+        for worker in self.workers.values():
+            for rid in worker.in_flight:
+                stream = self.streams.get(rid)
+                total += stream.sequences if stream is not None else 1
+        return total
+
     # -- requests -------------------------------------------------------------------------------
 
     def new_request_id(self, prefix: str = "req") -> str:
@@ -194,13 +209,19 @@ class Dispatcher:
         request: SubmitRequest,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
     ) -> RequestStream:
-        return await self._dispatch(self.pick_worker(request.prompt), request.rid, request.to_wire(), queue)
+        worker = self.pick_worker(request.prompt)
+        return await self._dispatch(worker, request.rid, request.to_wire(), queue, request.n)
 
     async def _dispatch(
-        self, worker: WorkerState, rid: str, message: dict[str, Any], queue: asyncio.Queue[Any] | None
+        self,
+        worker: WorkerState,
+        rid: str,
+        message: dict[str, Any],
+        queue: asyncio.Queue[Any] | None,
+        sequences: int = 1,
     ) -> RequestStream:
         """Registers a request's stream on `worker` (so its replies and failures reach `queue`), sends it."""
-        stream = RequestStream(rid, worker.index, queue)
+        stream = RequestStream(rid, worker.index, queue, sequences)
         self.streams[rid] = stream
         worker.in_flight.add(rid)
         await self._send(worker.index, message)
@@ -216,7 +237,7 @@ class Dispatcher:
             with contextlib.suppress(zmq.ZMQError):
                 await self._send(stream.worker, {"t": protocol.CANCEL, "rid": stream.rid})
 
-    async def embed(self, request: EmbedRequest) -> EmbeddingsReply:
+    async def embed(self, request: EmbedRequest, sequences: int = 1) -> EmbeddingsReply:
         """Sends an embed request to the least-loaded worker and waits for its single reply.
 
         The reply arrives on the request's stream queue where frames would, so a worker's `error` message
@@ -226,7 +247,8 @@ class Dispatcher:
         stream = RequestStream(request.rid, -1, queue)
         answered = False
         try:
-            stream = await self._dispatch(self.pick_worker(), request.rid, request.to_wire(), queue)
+            worker = self.pick_worker()
+            stream = await self._dispatch(worker, request.rid, request.to_wire(), queue, sequences)
             reply = await queue.get()
             answered = True
         finally:

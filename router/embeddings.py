@@ -105,6 +105,10 @@ def _fit(inputs: list[list[int]], from_text: list[bool], limit: int, truncate: b
         inputs[index] = tokens[: limit - 1] + tokens[-1:] if keep_last else tokens[:limit]
 
 
+def _is_token_list(raw: list[Any]) -> bool:
+    return bool(raw) and all(isinstance(item, int) for item in raw)
+
+
 def _encode(vector: npt.NDArray[np.float32], encoding_format: str) -> Any:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
@@ -125,12 +129,21 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> Respo
     dim = int(info.get("embed_dim") or 0)
     if body.dimensions is not None and body.dimensions > dim:
         raise APIError(400, f"dimensions must be at most {dim} for this model", param="dimensions")
-    inputs, from_text = _token_inputs(state, body.input)
-    _fit(inputs, from_text, limit, body.truncate)
+
+    def tokenize() -> list[list[int]]:  # on a pool thread: see offload.py
+        inputs, from_text = _token_inputs(state, body.input)
+        _fit(inputs, from_text, limit, body.truncate)
+        return inputs
+
+    # Admission charges what the worker embeds at once: an input per sequence, at most n_seq_max.
+    count = len(body.input) if isinstance(body.input, list) and not _is_token_list(body.input) else 1
+    sequences = max(1, min(count, int(info.get("n_seq_max", 1))))
     normalize = body.normalize if body.normalize is not None else bool(info.get("embed_normalize", True))
-    state.admit()
+    with state.admission.reserve(sequences, "input"):
+        inputs = await state.preparer.run(tokenize)
+    # No await before `embed` registers the request: from here its in-flight entry is what counts.
     rid = state.dispatcher.new_request_id("emb")
-    reply = await state.dispatcher.embed(EmbedRequest(rid, inputs, normalize))
+    reply = await state.dispatcher.embed(EmbedRequest(rid, inputs, normalize), sequences)
     data = []
     for index, raw in enumerate(reply.vectors):
         vector = np.frombuffer(raw, dtype="<f4")

@@ -76,6 +76,11 @@ _WORKER_STATS = {
         True,
     ),
     "disk_cache_saves_total": ("llamafleet_disk_cache_saves", "Prefixes written to disk", True),
+    "disk_cache_save_failures_total": (
+        "llamafleet_disk_cache_save_failures",
+        "Disk cache saves that failed (disk full, read-only, I/O error)",
+        True,
+    ),
     "disk_cache_evictions_total": ("llamafleet_disk_cache_evictions", "Disk entries removed by LRU", True),
     "disk_cache_corrupt_removed_total": (
         "llamafleet_disk_cache_invalid_removed",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.chat_output import ChoiceOutput
-from router.chat_prepare import chat_generation
+from router.chat_prepare import ChatPlan, chat_generation
 from router.errors import APIError
 from router.generation import Generation, Usage
 from router.schemas import INT64_MAX, INT64_MIN, ChatCompletionRequest
@@ -506,17 +506,22 @@ async def start_response(
     generate: bool = True,
 ) -> PreparedResponse:
     """Plans the prompt and grammar as chat does and submits the generation to a worker."""
-    chat = to_chat_request(body, has_projector=state.config.model.mtmd is not None)
-    try:
-        generation, plan = chat_generation(
-            state,
-            chat,
-            rid_prefix=request_prefix,
-            endpoint="responses",
-            output_limit=chat.output_limit if generate else 1,
-        )
-    except APIError as error:
-        raise responses_error(error) from error
+
+    def prepare() -> tuple[ChatCompletionRequest, Generation, ChatPlan]:  # on a pool thread: see offload.py
+        chat = to_chat_request(body, has_projector=state.config.model.mtmd is not None)
+        try:
+            generation, plan = chat_generation(
+                state,
+                chat,
+                rid_prefix=request_prefix,
+                endpoint="responses",
+                output_limit=chat.output_limit if generate else 1,
+            )
+        except APIError as error:
+            raise responses_error(error) from error
+        return chat, generation, plan
+
+    chat, generation, plan = await state.preparer.run(prepare)
     draft = ResponseDraft(
         new_id("resp"), int(time.time()), state.model_name, body, chat, previous_response_id
     )

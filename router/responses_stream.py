@@ -304,9 +304,9 @@ async def create_response(state: ServerState, body: ResponsesRequest, http: Requ
     """POST /v1/responses: stateless; streamed as SSE events or answered with the response object."""
     state.check_model(body.model)
     check_stateless(body)
-    state.admit()
     prefix = http.headers.get("x-request-id", "resp")
-    run = ResponseRun(state, await start_response(state, body, prefix))
+    with state.admission.reserve(1, "input"):
+        run = ResponseRun(state, await start_response(state, body, prefix))
     if body.stream:
         return StreamingResponse(_sse(run), media_type="text/event-stream")
     return JSONResponse(await run_unless_disconnected(http, run.collect))

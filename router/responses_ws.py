@@ -186,14 +186,14 @@ class ResponsesSession:
         try:
             body, items = self._request(payload)
             check_generation(self.state, body.model)
-            self.state.admit()
-            prepared = await start_response(
-                self.state,
-                body,
-                "ws",
-                previous_response_id=previous if isinstance(previous, str) else None,
-                generate=payload.get("generate") is not False,
-            )
+            with self.state.admission.reserve(1, "input"):
+                prepared = await start_response(
+                    self.state,
+                    body,
+                    "ws",
+                    previous_response_id=previous if isinstance(previous, str) else None,
+                    generate=payload.get("generate") is not False,
+                )
         except APIError as error:
             await self._error(error, stream_id)
             return

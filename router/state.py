@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from router.admission import Admission
 from router.dispatch import Dispatcher
 from router.errors import APIError
 from router.metrics import Metrics
+from router.offload import Preparer
 from router.parsing import ResponseSchemaParser
+from router.structured import check_grammar_size
 from router.templating import ChatTemplate, TemplateError
 from shared.config import Config
 from shared.models import resolve_model_path
@@ -30,6 +33,13 @@ class ServerState:
     created: int
     # The config's response_schema, compiled once (None: Hermes/<think> parsing).
     response_parser: ResponseSchemaParser | None = None
+    # Admission by sequences (router/admission.py) and the threads that prepare requests off the loop.
+    admission: Admission = field(init=False)
+    preparer: Preparer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.dispatcher, self.config.server.max_queued_requests, self.metrics)
+        self.preparer = Preparer()
 
     @classmethod
     def build(cls, config: Config) -> ServerState:
@@ -130,18 +140,6 @@ class ServerState:
             )
         return budget
 
-    def admit(self) -> None:
-        """429 once the queue beyond what the workers can run at once is full."""
-        limit = self.dispatcher.capacity() + self.config.server.max_queued_requests
-        if self.dispatcher.in_flight() >= limit:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise APIError(
-                429,
-                "too many requests are queued; retry later",
-                "rate_limit_error",
-                code="queue_full",
-            )
-
 
 # Request field -> SamplingParams field, copied when the client set it (llama.cpp's neutral value otherwise).
 _OPTIONAL_SAMPLING = {
@@ -169,6 +167,16 @@ def sampling_from(request: Any) -> SamplingParams:
     return params
 
 
+def _grammar_param(request: Any) -> str:
+    """The request field a grammar came from, for error messages."""
+    if request.grammar is not None:
+        return "grammar"
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        return "response_format"
+    return "tools"
+
+
 def make_submit(
     state: ServerState,
     rid: str,
@@ -184,6 +192,8 @@ def make_submit(
         if not 0 <= token < state.vocab.n_vocab:
             raise APIError(400, f"logit_bias token id {token} is out of range", param="logit_bias")
     grammar = grammar if grammar is not None else request.grammar
+    if grammar is not None:
+        check_grammar_size(grammar, _grammar_param(request))
     if grammar is not None and not state.vocab.grammar_is_valid(grammar):  # a 400 before any streaming
         raise APIError(
             400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"

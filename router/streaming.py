@@ -1,8 +1,8 @@
 """Server-sent events and the two ways a handler consumes a Generation: as a stream or to completion.
 
 Both watch the client: a streaming response stops when starlette sees the disconnect; a non-streaming one
-polls `is_disconnected` beside the generation, so an abandoned request frees its sequences within a step
-instead of generating to max_tokens for nobody.
+waits for the ASGI `http.disconnect` message beside the generation, so an abandoned request frees its
+sequences within a step instead of generating to max_tokens for nobody.
 """
 
 from __future__ import annotations
@@ -49,19 +49,34 @@ async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterato
     yield SSE_DONE
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected.
+
+    A blocking `receive` rather than polling `request.is_disconnected()`: behind a BaseHTTPMiddleware (the
+    API-key guard) `is_disconnected` never sees the disconnect, since its instantly-cancelled receive is
+    cancelled inside the middleware's task group before the message comes through.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
-    """Runs `work`, cancelling it if the client goes away first."""
+    """Runs `work`, cancelling it (and so its generation) as soon as the client goes away."""
     task = asyncio.ensure_future(work())
+    watch = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                raise asyncio.CancelledError("client disconnected")
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise asyncio.CancelledError("client disconnected")
     finally:
-        if not task.done():
-            task.cancel()
+        for pending in (task, watch):
+            if not pending.done():
+                pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watch

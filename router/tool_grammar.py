@@ -22,7 +22,7 @@ from typing import Any
 
 from router.errors import APIError
 from router.grammar import GrammarBuilder, UnsupportedSchemaError, add_schema
-from router.structured import GrammarPlan, escape_trigger, gbnf_string
+from router.structured import GrammarPlan, check_schema_size, escape_trigger, gbnf_string
 
 MAX_PARALLEL_CALLS = 8  # calls one constrained answer may hold: bounded so a small model cannot loop
 _GAP = "[ \\t\\n]{0,4}"  # blanks allowed between calls and around the reasoning end
@@ -217,6 +217,7 @@ def tool_grammar(
             f"tool_choice {choice!r} is not supported for this model's tool-call format ({fmt.name})",
             param="tool_choice",
         )
+    check_schema_size(list(tools), "tools")
     builder = GrammarBuilder()
     functions = [(i, t.get("function", t)) for i, t in enumerate(tools)]
     if choice not in ("auto", "required"):

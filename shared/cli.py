@@ -118,6 +118,7 @@ def _run_router(args: argparse.Namespace) -> int:
             host=config.server.host,
             port=config.server.port,
             log_level="warning",
+            ws_max_size=config.server.max_request_bytes,
             # A backstop only: streams still running at the drain timeout were already ended above.
             timeout_graceful_shutdown=drain_seconds + 2.0,  # type: ignore[arg-type]
         )

@@ -30,6 +30,8 @@ class ServerOptions(BaseModel):
     api_key: str | None = None
     # Requests waiting for a sequence beyond this many answer 429.
     max_queued_requests: int = Field(default=256, ge=0)
+    # A request body (or WebSocket message) over this many bytes answers 413 before it is read.
+    max_request_bytes: int = Field(default=8 << 20, ge=1024)
     # Seconds to let in-flight requests finish on SIGTERM before cancelling them.
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     # Disables WS /v1/responses (clients then get 426 and fall back to HTTP).

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import llama_cpp
 
+from shared.stderr_capture import bounded_stderr
+
 log = logging.getLogger(__name__)
 
 _backend_lock = threading.Lock()
@@ -24,6 +26,7 @@ _backend_ready = False
 # ggml_log_level in this llama.cpp: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT (continues the last line).
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _llama_log = logging.getLogger("llama.cpp")
+_MAX_LOG_CHARS = 2000
 # llama.cpp warns about harmless model quirks on every load; show them only when asked for.
 _llama_log.setLevel(os.environ.get("LLAMAFLEET_LLAMA_LOG_LEVEL", "ERROR").upper())
 
@@ -36,7 +39,10 @@ def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> N
     if py_level == logging.INFO:
         py_level = logging.DEBUG
     if _llama_log.isEnabledFor(py_level):
-        _llama_log.log(py_level, text.decode("utf-8", "replace").rstrip())
+        line = text.decode("utf-8", "replace").rstrip()
+        if len(line) > _MAX_LOG_CHARS:  # e.g. a parse error quoting a whole grammar
+            line = f"{line[:_MAX_LOG_CHARS]}... ({len(line) - _MAX_LOG_CHARS} more characters not logged)"
+        _llama_log.log(py_level, line)
 
 
 def init_backend() -> None:
@@ -158,7 +164,8 @@ class Vocab:
 
     def grammar_is_valid(self, grammar: str) -> bool:
         """Whether llama.cpp parses this GBNF (root rule `root`): checked before a request is queued."""
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        with bounded_stderr():  # a parse error prints the whole grammar to stderr
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
         if not sampler:
             return False
         llama_cpp.llama_sampler_free(sampler)

@@ -224,6 +224,7 @@ class DiskSequenceCache:
         self._closing = False
         self._queue_size = max(queue_size, 1)
         self._max_pending_bytes = max_pending_bytes
+        self._failing = False  # the last save failed: further failures are logged quietly
         self._wake = threading.Condition(self._lock)
         self._rescan()
         self._evict_over_budget()
@@ -343,10 +344,8 @@ class DiskSequenceCache:
                 self._write(job)
                 self._rescan()
                 self._evict_over_budget()
-            except Exception:  # the writer must survive anything: a lost save only costs a prefill
-                log.exception("disk cache: saving %d tokens failed", job.n_tokens)
-                with self._lock:
-                    self.stats.save_errors += 1
+            except Exception as err:  # the writer must survive anything: a lost save only costs a prefill
+                self._save_failed(f"saving {job.n_tokens} tokens failed: {err!r}")
             finally:
                 with self._lock:
                     self._queued.discard(job.tokens_hash)
@@ -377,15 +376,32 @@ class DiskSequenceCache:
             os.utime(tmp, ns=(stamp, stamp))
             os.replace(tmp, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
-            log.warning("disk cache: cannot write %s: %s", path, err)
-            with self._lock:
-                self.stats.save_errors += 1
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._save_failed(f"cannot write {path}: {err}")
             return
         size = _HEADER.size + len(job.token_data) + len(job.state)
         with self._lock:
             self._add(_Indexed(DiskEntry(path, job.n_tokens, job.tokens_hash), size, stamp))
             self.stats.saves += 1
+            recovered, self._failing = self._failing, False
+        if recovered:
+            log.warning("disk cache: saving works again (%d saves failed)", self.stats.save_errors)
+
+    def _save_failed(self, message: str) -> None:
+        """Counts a failed save; only the first of a run of failures is a warning (a full or read-only
+        disk fails every save, and the log must not fill with them), the rest are debug lines."""
+        with self._lock:
+            self.stats.save_errors += 1
+            first, self._failing = not self._failing, True
+        if first:
+            log.warning(
+                "disk cache: %s; serving goes on without saving, further failures are counted "
+                "in llamafleet_disk_cache_save_failures_total",
+                message,
+            )
+        else:
+            log.debug("disk cache: %s", message)
 
     # --- folder scan, validation, eviction --------------------------------------------------------
 

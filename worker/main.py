@@ -112,7 +112,10 @@ class WorkerProcess:
         self.engine = LlamaEngine(self.config.model, model_path, override)
         disk = None
         if self.config.disk_cache is not None and not self.engine.embedding:
-            disk = DiskTier(self.engine, self.config.disk_cache, model_path)
+            try:
+                disk = DiskTier(self.engine, self.config.disk_cache, model_path)
+            except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
+                log.warning("disk cache disabled: %s", error)
         self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()

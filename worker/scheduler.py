@@ -117,6 +117,7 @@ class SchedulerStats:
     disk_cache_restores_total: int = 0
     disk_cache_restored_tokens_total: int = 0
     disk_cache_saves_total: int = 0
+    disk_cache_save_failures_total: int = 0
     disk_cache_evictions_total: int = 0
     disk_cache_corrupt_removed_total: int = 0
     disk_cache_bytes: int = 0
@@ -525,6 +526,7 @@ class Scheduler:
             stats.disk_cache_restores_total = self.disk.stats.restores
             stats.disk_cache_restored_tokens_total = self.disk.stats.restored_tokens
             stats.disk_cache_saves_total = disk.saves
+            stats.disk_cache_save_failures_total = disk.save_errors
             stats.disk_cache_evictions_total = disk.evictions
             stats.disk_cache_corrupt_removed_total = disk.corrupt_removed + disk.foreign_removed
             stats.disk_cache_bytes = disk.bytes_on_disk
