@@ -167,14 +167,14 @@ class Soak:
         buffers when it creates the context, so their pages are resident from the start.)"""
         async with self._client() as http:
             ctx = self._context(http, self.args.seed)
-            for name in KINDS:
+            for name in self.args.kinds:
                 status, problem = await run_kind(name, ctx)
                 if problem:
                     self.records.append(Record(name, status, 0.0, problem))
 
     async def _client_loop(self, http: httpx.AsyncClient, index: int, until: float) -> None:
         ctx = self._context(http, self.args.seed * 1000 + index)
-        names = list(KINDS)
+        names = self.args.kinds
         weights = [KINDS[name][1] for name in names]
         for _ in range(1_000_000):  # bounded; the clock ends it
             if time.monotonic() >= until:
@@ -264,8 +264,8 @@ def report(
         ("no failed requests (beyond intended 4xx / 429)", not problems, f"{len(problems)} failed"),
         (
             "every kind ran",
-            all(by_kind.get(k) for k in KINDS),
-            ", ".join(k for k in KINDS if not by_kind.get(k)),
+            all(by_kind.get(k) for k in soak.args.kinds),
+            ", ".join(k for k in soak.args.kinds if not by_kind.get(k)),
         ),
         (
             f"RSS slope < {soak.args.max_slope} MB/min",
@@ -340,7 +340,17 @@ def main() -> None:
         default=os.environ.get("SOAK_PENALTIES", "") == "1",
         help="also send frequency / presence penalties",
     )
-    sys.exit(asyncio.run(run(parser.parse_args())))
+    parser.add_argument(
+        "--kinds",
+        default=os.environ.get("SOAK_KINDS", ",".join(KINDS)),
+        help=f"comma-separated request kinds (default all: {','.join(KINDS)})",
+    )
+    args = parser.parse_args()
+    args.kinds = [kind for kind in args.kinds.split(",") if kind]
+    unknown = [kind for kind in args.kinds if kind not in KINDS]
+    if unknown or not args.kinds:
+        parser.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
+    sys.exit(asyncio.run(run(args)))
 
 
 if __name__ == "__main__":
