@@ -83,6 +83,27 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def service_processes(root: int) -> dict[str, int]:
+    """`serve` and its descendants by role: "router" (the serve process itself unless the router runs as
+    a child of its own, then "supervisor" too) and "worker<index>"."""
+    found: dict[str, int] = {}
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        pending.extend(children(pid))
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if "worker" in argv:
+                index = argv[argv.index("--index") + 1] if "--index" in argv else str(len(found))
+                found[f"worker{index}"] = pid
+            elif "router" in argv:
+                found["router"] = pid
+            elif pid != root:
+                found[f"child{pid}"] = pid
+    found["router" if "router" not in found else "supervisor"] = root
+    return dict(sorted(found.items()))
+
+
 def slope_mb_per_min(times: list[float], values: list[float]) -> float:
     """Least-squares slope of values over times (seconds), in units per minute."""
     if len(times) < 3:
@@ -291,8 +312,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"soak: {args.seconds:.0f} s, {args.concurrency} clients, {config_path} on {base_url}")
         print(f"server log: {log_path}")
         await soak.warm_up()
-        workers = children(process.pid)
-        pids = {"router": process.pid, **{f"worker{i}": pid for i, pid in enumerate(workers)}}
+        pids = service_processes(process.pid)
         fds_start = {name: fd_count(pid) for name, pid in pids.items()}
         took = await soak.load(pids)
         idle_problems = await asyncio.to_thread(wait_idle, base_url, n_seq_max, 30.0)
@@ -300,14 +320,14 @@ async def run(args: argparse.Namespace) -> int:
         fds_end = {name: fd_count(pid) for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
         samples = parse_metrics(httpx.get(f"{base_url}/metrics", timeout=10).text)
         bars = report(soak, took, fds_start, fds_end)
-        restarted = children(process.pid) != workers
+        pids_now = service_processes(process.pid)
         bars += [
             (
                 "gauges back to idle (no leaked sequences / KV cells)",
                 not idle_problems,
                 "; ".join(idle_problems),
             ),
-            ("no worker restart", not restarted, f"{workers} -> {children(process.pid)}"),
+            ("no process restart", pids_now == pids, "" if pids_now == pids else f"{pids} -> {pids_now}"),
             ("decode failures 0", not any(v for k, v in samples.items() if "decode_failures" in k), ""),
         ]
     code = process.returncode
