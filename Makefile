@@ -13,12 +13,13 @@ STAMP := $(VENV)/.llamafleet-installed
 # GPU users: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install (see README "GPU builds").
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(NPROC)
 
-.PHONY: help install run test test-fast bench lint format clean
+.PHONY: help install run test test-fast bench soak lint format clean
 
 help:
 	@echo "make run    - set up .venv (builds llama-cpp-python once) and serve $(CONFIG) on 127.0.0.1:8000"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make bench  - benchmarks against the raw llama.cpp engine (bench/)"
+	@echo "make soak   - $(SOAK_SECONDS) s of mixed traffic on $(CONFIG), then leak and stability bars (SOAK_SECONDS=N)"
 	@echo "make lint   - ruff + mypy"
 
 $(VENV)/bin/python:
@@ -54,6 +55,12 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.run_all
+
+# Not part of `make test`: minutes of mixed traffic against `llamafleet serve` (bench/soak.py).
+SOAK_SECONDS ?= 600
+export SOAK_SECONDS
+soak: install
+	$(PY) -m bench.soak --config $(CONFIG)
 
 lint: install
 	$(VENV)/bin/ruff check router worker shared tests bench

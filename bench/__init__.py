@@ -1,4 +1,4 @@
-"""Benchmarks; each compares the server with a baseline measured in the same run."""
+"""Benchmarks, each comparing the server with a baseline measured in the same run, and the soak harness."""
 
 from shared.threads import tune_openmp
 
