@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from router.dispatch import WorkerFailure
-from router.errors import error_body
+from router.errors import worker_failure_body
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterato
         async for chunk in chunks:
             yield sse(chunk)
     except WorkerFailure as failure:
-        yield sse(error_body(failure.message, failure.kind, code=str(failure.status)))
+        yield sse(worker_failure_body(failure))
     yield SSE_DONE
 
 
