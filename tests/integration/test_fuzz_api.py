@@ -1,0 +1,97 @@
+"""Fuzzes the HTTP API with schemathesis against its own /openapi.json, on a real server over HTTP.
+
+The server runs the tiny generated model with `max_output_tokens: 4`, so the cases exercise validation
+and the answer shapes, not generation. The bar: no 5xx, no hang (every request has a timeout), every
+status, content type, header and body as the document says. A short derandomized run (the same cases
+every time) is part of the suite; `make fuzz` sets LLAMAFLEET_FUZZ_EXAMPLES to run thousands.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.integration.server import Server, model_config, run_server
+
+# Examples per operation (8 operations): a few hundred cases in the suite, thousands under `make fuzz`.
+EXAMPLES = int(os.environ.get("LLAMAFLEET_FUZZ_EXAMPLES", "50"))
+REQUEST_TIMEOUT = 30.0
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+def _auth(server: Server) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.api_key}"}
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_llama_gguf: Path) -> Iterator[Server]:
+    model = model_config(tiny_llama_gguf, max_output_tokens=4, n_ctx=1024)
+    with run_server(model, server={"max_queued_requests": 64}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server: Server) -> Any:
+    return schemathesis.openapi.from_url(
+        f"{fuzz_server.base_url}/openapi.json", headers=_auth(fuzz_server), timeout=REQUEST_TIMEOUT
+    )
+
+
+def _fuzz(operation: Any, mode: GenerationMode, server: Server, counter: list[int]) -> str | None:
+    """Runs one operation's cases; the first failure (shrunk by hypothesis) as text, or None."""
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case: Any) -> None:
+        counter[0] += 1
+        case.call_and_validate(
+            base_url=server.base_url, headers=_auth(server), timeout=REQUEST_TIMEOUT, checks=CHECKS
+        )
+
+    try:
+        run()
+    except Unsatisfiable:  # nothing to negate: an operation without parameters or body
+        return None
+    except BaseException as error:  # schemathesis raises a BaseExceptionGroup of its failures
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        return f"{operation.label} ({mode.value}): {error}"  # each is reported, then the test fails
+    return None
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
+def test_api_matches_its_openapi_document(api_schema: Any, fuzz_server: Server, mode: GenerationMode) -> None:
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 8
+    counter = [0]
+    failures = [f for f in (_fuzz(op, mode, fuzz_server, counter) for op in operations) if f is not None]
+    print(f"{counter[0]} {mode.value} cases over {len(operations)} operations")
+    assert not failures, "\n\n".join(failures)
