@@ -15,16 +15,19 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from router.errors import RETRY_AFTER_SECONDS
 from router.openapi_models import (
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
     EmbeddingList,
     ErrorBody,
     Health,
     ModelList,
     ResponseObject,
+    ResponseStreamEvent,
 )
 
 Responses = dict[int | str, dict[str, Any]]
@@ -67,7 +70,7 @@ def _errors(*statuses: int) -> Responses:
     return {status: _error(status) for status in statuses}
 
 
-def _sse_event(description: str) -> dict[str, Any]:
+def _sse_event(description: str, chunk: type[BaseModel]) -> dict[str, Any]:
     """One server-sent event (OpenAPI before 3.2 has a text/event-stream `schema` describe each event)."""
     return {
         "type": "object",
@@ -75,16 +78,23 @@ def _sse_event(description: str) -> dict[str, Any]:
         "required": ["data"],
         "properties": {
             "event": {"type": "string", "description": "the event type (Responses API events only)"},
-            "data": {"type": "string", "description": "a JSON object, or [DONE] closing a chat stream"},
+            "data": {
+                "type": "string",
+                "description": f"a {chunk.__name__} as JSON, an error event, or [DONE] closing a chat stream",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"},
+            },
         },
     }
 
 
-def _json_or_sse(model: type, description: str, sse_description: str) -> dict[str, Any]:
+def _json_or_sse(
+    model: type, chunk: type[BaseModel], description: str, sse_description: str
+) -> dict[str, Any]:
     return {
         "model": model,
         "description": description,
-        "content": {"text/event-stream": {"schema": _sse_event(sse_description)}},
+        "content": {"text/event-stream": {"schema": _sse_event(sse_description, chunk)}},
     }
 
 
@@ -92,16 +102,21 @@ def _json_or_sse(model: type, description: str, sse_description: str) -> dict[st
 _POST_ERRORS = (400, 404, 413, 429, 500, 503)
 
 COMPLETIONS: Responses = {
-    200: _json_or_sse(Completion, "A text completion, or its chunks as SSE", _SSE_DESCRIPTION),
+    200: _json_or_sse(Completion, Completion, "A text completion, or its chunks as SSE", _SSE_DESCRIPTION),
     **_errors(*_POST_ERRORS),
 }
 CHAT_COMPLETIONS: Responses = {
-    200: _json_or_sse(ChatCompletion, "A chat completion, or its chunks as SSE", _SSE_DESCRIPTION),
+    200: _json_or_sse(
+        ChatCompletion, ChatCompletionChunk, "A chat completion, or its chunks as SSE", _SSE_DESCRIPTION
+    ),
     **_errors(*_POST_ERRORS),
 }
 RESPONSES: Responses = {
     200: _json_or_sse(
-        ResponseObject, "The response object, or its events as SSE", _RESPONSES_SSE_DESCRIPTION
+        ResponseObject,
+        ResponseStreamEvent,
+        "The response object, or its events as SSE",
+        _RESPONSES_SSE_DESCRIPTION,
     ),
     **_errors(*_POST_ERRORS),
 }
@@ -132,6 +147,19 @@ _WEBSOCKET_NOTE = {
         "and with 401 on a bad API key."
     ),
 }
+
+
+# Models that only SSE events reference (FastAPI adds the rest to the components itself).
+_STREAM_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, ResponseStreamEvent)
+
+
+def _add_stream_models(document: dict[str, Any]) -> None:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in _STREAM_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        for name, definition in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas[model.__name__] = schema
 
 
 def _strip_validation_errors(document: dict[str, Any]) -> None:
@@ -172,6 +200,7 @@ def install_openapi(app: FastAPI, api_key_required: bool, open_paths: set[str]) 
                 routes=app.routes,
             )
             _strip_validation_errors(document)
+            _add_stream_models(document)
             if api_key_required:
                 _add_auth(document, open_paths)
             upgrade = document["paths"].get("/v1/responses", {})

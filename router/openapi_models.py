@@ -126,6 +126,44 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ChatDelta(BaseModel):
+    """What a chunk adds to the message: the role first, then content, reasoning or tool-call pieces."""
+
+    model_config = _OPEN
+    role: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    model_config = _OPEN
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion (`usage` only with stream_options.include_usage)."""
+
+    model_config = _OPEN
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ResponseStreamEvent(BaseModel):
+    """One SSE event of a streamed response: `response.created` ... `response.completed` and the rest."""
+
+    model_config = _OPEN
+    type: str
+    sequence_number: int
+
+
 class Embedding(BaseModel):
     model_config = _OPEN
     object: Literal["embedding"]

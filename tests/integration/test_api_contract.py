@@ -69,8 +69,15 @@ def test_openapi_document_declares_what_the_routes_answer(server: Server) -> Non
         for status in ("429", "503"):
             assert "Retry-After" in answers[status]["headers"], (path, status)
         assert paths[path]["post"]["security"] == [{"bearer": []}]
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
-        assert "text/event-stream" in paths[path]["post"]["responses"]["200"]["content"]
+    chunks = {
+        "/v1/completions": "Completion",
+        "/v1/chat/completions": "ChatCompletionChunk",
+        "/v1/responses": "ResponseStreamEvent",
+    }
+    for path, chunk in chunks.items():
+        event = paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert event["properties"]["data"]["contentSchema"]["$ref"] == f"#/components/schemas/{chunk}"
+        assert chunk in schemas
     assert _ref(paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]) == "ModelList"
     health = paths["/healthz"]["get"]["responses"]
     assert {_ref(health[s]["content"]["application/json"]) for s in ("200", "503")} == {"Health"}
