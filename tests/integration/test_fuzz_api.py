@@ -9,6 +9,7 @@ every time) is part of the suite; `make fuzz` sets LLAMAFLEET_FUZZ_EXAMPLES to r
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,13 @@ def test_api_matches_its_openapi_document(api_schema: Any, fuzz_server: Server, 
     failures = [f for f in (_fuzz(op, mode, fuzz_server, counter) for op in operations) if f is not None]
     print(f"{counter[0]} {mode.value} cases over {len(operations)} operations")
     assert not failures, "\n\n".join(failures)
+    # Nothing the cases took is kept: no request in flight, no sequence or KV reservation held.
+    _wait_idle(fuzz_server)
+
+
+def _wait_idle(server: Server, timeout: float = 10.0) -> None:
+    names = [f'llamafleet_worker_{n}{{worker="0"}}' for n in ("in_flight_requests", "kv_cells_reserved")]
+    deadline = time.monotonic() + timeout
+    while any((held := server.metrics()).get(name) != 0 for name in names):
+        assert time.monotonic() < deadline, {name: held.get(name) for name in names}
+        time.sleep(0.1)
