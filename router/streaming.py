@@ -40,13 +40,25 @@ SSE_DONE = sse("[DONE]")
 
 
 async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Frames chunks as SSE; a failure after the stream began becomes an error event, then [DONE]."""
+    """Frames chunks as SSE; a failure after the stream began becomes an error event, then [DONE].
+
+    However the stream ends (an unexpected error too), `chunks` is closed at once, so its generation is
+    cancelled and its sequences freed now rather than whenever the garbage collector gets to it.
+    """
     try:
         async for chunk in chunks:
             yield sse(chunk)
     except WorkerFailure as failure:
         yield sse(worker_failure_body(failure))
+    finally:
+        await close_iterator(chunks)
     yield SSE_DONE
+
+
+async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
