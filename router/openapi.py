@@ -79,10 +79,20 @@ def _sse_event(description: str, chunk: type[BaseModel]) -> dict[str, Any]:
         "properties": {
             "event": {"type": "string", "description": "the event type (Responses API events only)"},
             "data": {
-                "type": "string",
-                "description": f"a {chunk.__name__} as JSON, an error event, or [DONE] closing a chat stream",
-                "contentMediaType": "application/json",
-                "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                "description": f"a {chunk.__name__} or an error as JSON, or [DONE] closing a chat stream",
+                "anyOf": [
+                    {"type": "string", "const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "anyOf": [
+                                {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                {"$ref": "#/components/schemas/ErrorBody"},
+                            ]
+                        },
+                    },
+                ],
             },
         },
     }

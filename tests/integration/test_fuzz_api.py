@@ -47,8 +47,9 @@ def _auth(server: Server) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_llama_gguf: Path) -> Iterator[Server]:
-    model = model_config(tiny_llama_gguf, max_output_tokens=4, n_ctx=1024)
-    with run_server(model, server={"max_queued_requests": 64}) as server:
+    model = model_config(tiny_llama_gguf, max_output_tokens=4, n_ctx=1024, embedding_pooling="mean")
+    env = {"LLAMAFLEET_INJECT_FAULTS": "decode=boom"}  # for the stream error events below
+    with run_server(model, server={"max_queued_requests": 64}, env=env) as server:
         yield server
 
 
@@ -106,3 +107,58 @@ def _wait_idle(server: Server, timeout: float = 10.0) -> None:
     while any((held := server.metrics()).get(name) != 0 for name in names):
         assert time.monotonic() < deadline, {name: held.get(name) for name in names}
         time.sleep(0.1)
+
+
+# Requests the fuzzer rarely builds (streams, logprobs, tool calls, n > 1, a failure mid-stream), checked
+# against the document the same way: every SSE event's JSON must match its declared schema too.
+CHAT = [{"role": "user", "content": "hello"}]
+TOOLS = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
+FLAT_TOOLS = [{"type": "function", "name": "get", "parameters": {"type": "object"}}]
+STREAM_USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+KNOWN: list[tuple[str, Any, dict[str, str], int]] = [
+    ("GET /healthz", None, {}, 200),
+    ("GET /metrics", None, {}, 200),
+    ("GET /v1/models", None, {}, 200),
+    ("GET /v1/responses", None, {}, 426),
+    ("POST /v1/completions", {"prompt": "hello", "logprobs": 2, **STREAM_USAGE}, {}, 200),
+    ("POST /v1/completions", {"prompt": ["a", "b"], "n": 2, "echo": True, "logprobs": None}, {}, 200),
+    ("POST /v1/completions", {"prompt": [1, 2, 3], "logprobs": 3}, {}, 200),
+    ("POST /v1/completions", {"prompt": "hello", "stream": True}, {"x-request-id": "boom"}, 200),
+    ("POST /v1/completions", {"prompt": "hello"}, {"x-request-id": "boom"}, 500),
+    (
+        "POST /v1/chat/completions",
+        {"messages": CHAT, "logprobs": True, "top_logprobs": 2, **STREAM_USAGE},
+        {},
+        200,
+    ),
+    ("POST /v1/chat/completions", {"messages": CHAT, "n": 2, "logprobs": True, "top_logprobs": 1}, {}, 200),
+    ("POST /v1/chat/completions", {"messages": CHAT, "tools": TOOLS, "tool_choice": "required"}, {}, 200),
+    (
+        "POST /v1/chat/completions",
+        {"messages": CHAT, "tools": TOOLS, "tool_choice": "required", "stream": True},
+        {},
+        200,
+    ),
+    ("POST /v1/chat/completions", {"messages": CHAT, "stream": True}, {"x-request-id": "boom"}, 200),
+    ("POST /v1/responses", {"input": "hi", "stream": True}, {}, 200),
+    ("POST /v1/responses", {"input": "hi", "tools": FLAT_TOOLS, "tool_choice": "required"}, {}, 200),
+    ("POST /v1/responses", {"input": "hi", "stream": True}, {"x-request-id": "boom"}, 200),
+    ("POST /v1/embeddings", {"input": ["a", "b c"]}, {}, 200),
+    ("POST /v1/embeddings", {"input": [[1, 2], [3]], "encoding_format": "base64", "dimensions": 4}, {}, 200),
+]
+
+
+@pytest.mark.parametrize(("label", "body", "headers", "status"), KNOWN, ids=lambda v: str(v)[:40])
+def test_known_requests_match_the_document(
+    api_schema: Any, fuzz_server: Server, label: str, body: Any, headers: dict[str, str], status: int
+) -> None:
+    method, path = label.split(" ")
+    operation = api_schema[path][method]
+    case = operation.Case(body=body) if body is not None else operation.Case()
+    response = case.call_and_validate(
+        base_url=fuzz_server.base_url,
+        headers={**_auth(fuzz_server), **headers},
+        timeout=REQUEST_TIMEOUT,
+        checks=CHECKS if status < 500 else [c for c in CHECKS if c is not not_a_server_error],  # injected
+    )
+    assert response.status_code == status, response.text
