@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_TEXTLESS = frozenset({int, float, bool, type(None)})
 
 
 class LoneSurrogateError(ValueError):
@@ -42,7 +43,7 @@ def find_lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[str, st
                 if isinstance(key, str) and (found := _SURROGATE.search(key)):  # named escaped
                     return ".".join((*where, key.encode("utf-8", "backslashreplace").decode())), found.group()
                 stack.append((child, (*where, str(key))))
-        elif isinstance(item, list):
+        elif isinstance(item, list) and not _TEXTLESS.issuperset(map(type, item)):  # not only numbers
             for i in range(len(item) - 1, -1, -1):
                 if isinstance(item[i], (str, dict, list)):  # token ids and numbers hold no text
                     stack.append((item[i], (*where, str(i))))
