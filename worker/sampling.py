@@ -318,6 +318,7 @@ def _add_logit_samplers(chain: _Chain, n_vocab: int, params: SamplingParams) -> 
     if params.repeat_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
         chain.add(
             llama_cpp.llama_sampler_init_penalties(
+                n_vocab,
                 params.penalty_last_n,
                 params.repeat_penalty,
                 params.frequency_penalty,
