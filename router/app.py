@@ -14,11 +14,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router import openapi as docs
 from router.chat import create_chat_completion
 from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
-from router.errors import APIError, error_response, install_error_handlers
+from router.errors import APIError, error_response, install_error_handlers, retry_headers
 from router.limits import BodySizeLimit
+from router.metrics import route_label
 from router.responses import ResponsesRequest
 from router.responses_stream import create_response
 from router.responses_ws import serve_responses_websocket
@@ -59,6 +61,7 @@ def create_app(
     app.state.llamafleet = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
+    docs.install_openapi(app, bool(config.server.api_key), _OPEN_PATHS)
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -88,24 +91,24 @@ def create_app(
             response = await call_next(request)
         finally:
             state.metrics.in_flight.dec()
-        endpoint = request.url.path
+        endpoint = route_label(request)
         state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         if endpoint.startswith("/v1/"):
             state.metrics.e2e.labels(endpoint).observe(time.monotonic() - started)
         return response
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=docs.HEALTH)
     async def healthz() -> Response:
         up = len(state.dispatcher.up_workers())
         status = "ok" if up else "unavailable"
         body = {"status": status, "workers_up": up, "workers": len(state.dispatcher.workers)}
-        return JSONResponse(body, status_code=200 if up else 503)
+        return JSONResponse(body, status_code=200 if up else 503, headers=None if up else retry_headers(503))
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=docs.METRICS)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=docs.MODELS)
     async def list_models() -> dict[str, Any]:
         info = state.dispatcher.model_info()
         card: dict[str, Any] = {
@@ -118,26 +121,37 @@ def create_app(
             card["meta"] = {"n_ctx": info.get("n_ctx_seq"), "n_vocab": info.get("n_vocab")}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=docs.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_generation(state, body.model)
         return await create_completion(state, body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=docs.CHAT_COMPLETIONS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_generation(state, body.model)
         return await create_chat_completion(state, body, request)
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", responses=docs.RESPONSES)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         check_generation(state, body.model)
         return await create_response(state, body, request)
+
+    @app.get("/v1/responses", responses=docs.RESPONSES_UPGRADE)
+    async def responses_upgrade_required() -> Response:
+        """WS /v1/responses serves the Responses API over a WebSocket; a plain GET is told to upgrade."""
+        raise APIError(
+            426,
+            "GET /v1/responses is the Responses WebSocket: open it with a WebSocket upgrade, "
+            "or POST /v1/responses",
+            code="upgrade_required",
+            headers={"Upgrade": "websocket"},
+        )
 
     @app.websocket("/v1/responses")
     async def responses_websocket(websocket: WebSocket) -> None:
         await serve_responses_websocket(state, websocket)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=docs.EMBEDDINGS)
     async def embeddings(body: EmbeddingRequest) -> Response:
         return await create_embeddings(state, body)
 

@@ -15,10 +15,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from router.errors import APIError
 from router.state import ServerState
+from router.unicode_check import UnicodeCheckedModel
 from shared.protocol import EmbedRequest
 from shared.vocab import TokenizerError
 
@@ -27,7 +28,7 @@ MAX_INPUTS = 2048
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(UnicodeCheckedModel):
     """OpenAI's fields plus two extensions: `truncate` (cut long inputs instead of a 400) and `normalize`."""
 
     model_config = ConfigDict(extra="allow")

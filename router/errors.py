@@ -1,4 +1,9 @@
-"""OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status."""
+"""OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+
+Every 429 and 503 carries `Retry-After` (seconds), so clients back off by the server's word; a worker
+failure gets a stable `code` (`worker_unavailable` for a dead or missing worker), the same in an HTTP
+answer and in a stream's error event.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.dispatch import WorkerFailure
+from router.unicode_check import lone_surrogate_param
 
 
 class APIError(Exception):
@@ -22,6 +28,7 @@ class APIError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -29,24 +36,48 @@ class APIError(Exception):
         self.kind = kind
         self.param = param
         self.code = code
+        self.headers = headers
+
+
+# Seconds a client should wait before retrying: a full queue drains in about a second; a worker that died
+# is restarted by the supervisor within a few.
+RETRY_AFTER_SECONDS = {429: 1, 503: 2}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def retry_headers(status: int) -> dict[str, str]:
+    """`Retry-After` for the statuses that mean "try again later", nothing for the others."""
+    seconds = RETRY_AFTER_SECONDS.get(status)
+    return {"Retry-After": str(seconds)} if seconds is not None else {}
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(
-        error_body(error.message, error.kind, error.param, error.code), status_code=error.status
+        error_body(error.message, error.kind, error.param, error.code),
+        status_code=error.status,
+        headers={**retry_headers(error.status), **(error.headers or {})},
     )
 
 
 def from_worker_failure(failure: WorkerFailure) -> APIError:
-    return APIError(failure.status, failure.message, failure.kind)
+    code = "worker_unavailable" if failure.status == 503 else None
+    return APIError(failure.status, failure.message, failure.kind, code=code)
+
+
+def worker_failure_body(failure: WorkerFailure) -> dict[str, Any]:
+    """The error object of a stream's error event: what an HTTP answer to the same failure carries."""
+    error = from_worker_failure(failure)
+    return error_body(error.message, error.kind, error.param, error.code)
 
 
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     first = error.errors()[0] if error.errors() else {}
+    surrogate = lone_surrogate_param(dict(first))
+    if surrogate is not None:
+        return str(surrogate), surrogate.param or None
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid request"))

@@ -1,7 +1,9 @@
 """Prometheus metrics: the router's own request histograms plus each worker's latest heartbeat stats.
 
 Worker stats are exported by a custom collector at scrape time from what the dispatcher last heard, so
-`/metrics` shows running/queued sequences and KV cells without the worker serving HTTP itself.
+`/metrics` shows running/queued sequences and KV cells without the worker serving HTTP itself. Requests
+are labelled by the route template they matched (`/v1/chat/completions`), every other path by
+`unmatched`, so random paths cannot add series without bound.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.routing import Match
 
 if TYPE_CHECKING:
     from router.dispatch import Dispatcher
+
+UNMATCHED = "unmatched"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 
@@ -166,3 +172,16 @@ class Metrics:
 
     def attach(self, dispatcher: Dispatcher) -> None:
         self.registry.register(_WorkerCollector(dispatcher))
+
+
+def route_label(request: Request) -> str:
+    """The route template a request matched (routing records it in the scope), else `unmatched`."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    for candidate in request.app.router.routes:  # servers whose routing does not record the route
+        match, _ = candidate.matches(request.scope)
+        if match != Match.NONE:
+            return str(getattr(candidate, "path", UNMATCHED))
+    return UNMATCHED

@@ -23,6 +23,7 @@ from router.errors import APIError
 from router.generation import Generation, Usage
 from router.schemas import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.state import ServerState
+from router.unicode_check import UnicodeCheckedModel, lone_surrogate_param
 from shared.vocab import TokenizerError
 
 _LENIENT = ConfigDict(extra="allow")
@@ -56,7 +57,7 @@ class ReasoningOptions(BaseModel):
     summary: str | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(UnicodeCheckedModel):
     """POST /v1/responses (and the fields of a WebSocket `response.create`). Unknown fields are ignored."""
 
     model_config = _LENIENT
@@ -330,6 +331,9 @@ def validation_error(error: ValidationError) -> APIError:
     errors = error.errors()
     if not errors:
         return APIError(400, "invalid request")
+    surrogate = lone_surrogate_param(dict(errors[0]))
+    if surrogate is not None:
+        return APIError(400, str(surrogate), param=surrogate.param or None)
     where = ".".join(str(p) for p in errors[0]["loc"]) or None
     message = str(errors[0]["msg"])
     return APIError(400, f"{where}: {message}" if where else message, param=where)

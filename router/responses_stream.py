@@ -296,8 +296,12 @@ def sse_event(event: Event) -> bytes:
 
 
 async def _sse(run: ResponseRun) -> AsyncIterator[bytes]:
-    async for event in run.events():
-        yield sse_event(event)
+    events = run.events()
+    try:
+        async for event in events:
+            yield sse_event(event)
+    finally:  # as in sse_with_errors: the generation is cancelled at once, whatever ended the stream
+        await events.aclose()
 
 
 async def create_response(state: ServerState, body: ResponsesRequest, http: Request) -> Any:

@@ -30,10 +30,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from router.dispatch import WorkerFailure
 from router.embeddings import check_generation
-from router.errors import APIError, error_body
+from router.errors import APIError, error_body, from_worker_failure
 from router.responses import ResponsesRequest, input_items, start_response, validation_error
 from router.responses_stream import ResponseRun
 from router.state import ServerState
+from router.unicode_check import LoneSurrogateError, find_lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,11 @@ class ResponsesSession:
             kind = payload.get("type") if isinstance(payload, dict) else None
             await self._error(APIError(400, f"unsupported message type {kind!r}; send response.create"))
             return
+        surrogate = find_lone_surrogate(payload)
+        if surrogate is not None:  # not even its stream_id can be echoed back as UTF-8
+            error = LoneSurrogateError(*surrogate)
+            await self._error(APIError(400, str(error), param=error.param or None))
+            return
         stream_id = payload.get("stream_id") if isinstance(payload.get("stream_id"), str) else None
         previous = payload.get("previous_response_id")
         try:
@@ -198,7 +204,7 @@ class ResponsesSession:
             await self._error(error, stream_id)
             return
         except WorkerFailure as failure:
-            await self._error(APIError(failure.status, failure.message, failure.kind), stream_id)
+            await self._error(from_worker_failure(failure), stream_id)
             return
         run = ResponseRun(self.state, prepared, stream_id)
         if await self._stream(run) and run.final is not None and run.final["status"] != "failed":

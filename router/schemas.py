@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router.unicode_check import UnicodeCheckedModel
+
 _LENIENT = ConfigDict(extra="allow")
 
 # Integers travel to the worker as msgpack (64-bit) and into llama.cpp as C ints: bound them here so an
@@ -43,7 +45,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(UnicodeCheckedModel):
     """Fields shared by completions and chat completions."""
 
     model_config = _LENIENT

@@ -72,7 +72,7 @@ class ServerState:
     def info(self) -> dict[str, Any]:
         info = self.dispatcher.model_info()
         if not info:
-            raise APIError(503, "no worker is ready yet", "worker_unavailable")
+            raise APIError(503, "no worker is ready yet", "worker_unavailable", code="worker_unavailable")
         return info
 
     def tokenize_prompt(self, text: str) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from router.dispatch import WorkerFailure
-from router.errors import error_body
+from router.errors import worker_failure_body
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,18 @@ SSE_DONE = sse("[DONE]")
 
 
 async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Frames chunks as SSE; a failure after the stream began becomes an error event, then [DONE]."""
+    """Frames chunks as SSE; a failure after the stream began becomes an error event, then [DONE].
+
+    However the stream ends (an unexpected error too), `chunks` is closed at once, so its generation is
+    cancelled and its sequences freed now rather than whenever the garbage collector gets to it.
+    """
     try:
         async for chunk in chunks:
             yield sse(chunk)
     except WorkerFailure as failure:
-        yield sse(error_body(failure.message, failure.kind, code=str(failure.status)))
+        yield sse(worker_failure_body(failure))
+    finally:
+        await close_iterator(chunks)
     yield SSE_DONE
 
 
@@ -60,6 +66,10 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
