@@ -21,8 +21,9 @@ from typing import Any
 
 import zmq
 
-from shared import protocol
+from shared import curve, protocol
 from shared.config import Config
+from shared.ipc import check_worker_endpoints
 from shared.models import resolve_model_path
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
@@ -47,11 +48,13 @@ class Heartbeat(threading.Thread):
         index: int,
         interval: float,
         snapshot: Callable[[], dict[str, Any]],
+        keys: curve.WorkerKeys | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 10)
+        curve.secure_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._index = index
         self._interval = interval
@@ -79,16 +82,28 @@ class WorkerProcess:
         self.config = config
         self.index = index
         self.stopping = False
+        # CURVE keys (a config error if missing) and a private ipc folder, before any socket exists.
+        keys = curve.load_worker_keys(config.workers.keys_dir, index) if config.workers.keys_dir else None
+        check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+        for endpoint in config.insecure_network_endpoints():
+            log.warning("workers.insecure_tcp: %s is neither authenticated nor encrypted", endpoint)
         self.zmq = zmq.Context()
         self.requests = self.zmq.socket(zmq.DEALER)
         self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
         self.requests.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(self.requests, keys)
         self.requests.connect(config.requests_endpoint())
         self.results = self.zmq.socket(zmq.PUSH)
         self.results.setsockopt(zmq.LINGER, 2000)
+        curve.secure_client(self.results, keys)
         self.results.connect(config.results_endpoint())
         self.heartbeat = Heartbeat(
-            self.zmq, config.results_endpoint(), index, config.workers.heartbeat_interval_seconds, self._stats
+            self.zmq,
+            config.results_endpoint(),
+            index,
+            config.workers.heartbeat_interval_seconds,
+            self._stats,
+            keys,
         )
 
     def send(self, message: dict[str, Any]) -> None:
