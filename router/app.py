@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,10 +14,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.auth import ApiKeyMiddleware, load_api_keys
 from router.chat import create_chat_completion
 from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
-from router.errors import APIError, error_response, install_error_handlers
+from router.errors import install_error_handlers
 from router.responses import ResponsesRequest
 from router.responses_stream import create_response
 from router.responses_ws import serve_responses_websocket
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 # Hooks a supervisor passes in to start and stop the workers it owns around the router's life.
 LifecycleHook = Callable[[ServerState], Awaitable[None]]
-
-_OPEN_PATHS = {"/healthz", "/metrics"}
 
 
 def create_app(
@@ -56,6 +55,12 @@ def create_app(
     app = FastAPI(title="llamafleet", lifespan=lifespan)
     app.state.llamafleet = state
     install_error_handlers(app)
+    # Added before CORS, so CORS (the outer one) answers preflight requests, which carry no key.
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=load_api_keys(config.server, os.environ),
+        protect_health_and_metrics=config.server.protect_health_and_metrics,
+    )
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -66,19 +71,6 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        api_key = config.server.api_key
-        if api_key and request.url.path not in _OPEN_PATHS:
-            supplied = request.headers.get("authorization", "")
-            token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return error_response(
-                    APIError(
-                        401,
-                        "invalid or missing API key",
-                        "authentication_error",
-                        code="invalid_api_key",
-                    )
-                )
         started = time.monotonic()
         state.metrics.in_flight.inc()
         try:
