@@ -132,7 +132,7 @@ class WorkerProcess:
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
-        self.requests.send(
+        self._announce(
             protocol.encode(
                 {
                     "t": protocol.READY,
@@ -143,7 +143,6 @@ class WorkerProcess:
                 }
             )
         )
-        log.info("worker %d ready: %s", self.index, self.engine.info)
         try:
             self._loop()
         finally:
@@ -154,6 +153,17 @@ class WorkerProcess:
             self.requests.close()
             self.results.close()
             self.zmq.term()
+
+    def _announce(self, ready: bytes) -> None:
+        """Sends `ready` once the DEALER has a router to send to, staying stoppable meanwhile.
+
+        A plain send would block (beyond SIGTERM's reach) while no router accepts the connection, e.g.
+        while the router refuses this worker's CURVE key."""
+        while not self.stopping:
+            if self.requests.poll(100, zmq.POLLOUT):
+                self.requests.send(ready, zmq.NOBLOCK)
+                log.info("worker %d ready: %s", self.index, self.engine.info)
+                return
 
     def _loop(self) -> None:
         poller = zmq.Poller()
