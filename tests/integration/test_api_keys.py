@@ -49,7 +49,11 @@ def keyed(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     keys_file = _keys_file(tmp_path_factory.mktemp("keys"))
     with run_server(
         model_config(tiny_llama_gguf, embedding_pooling="mean"),
-        server={"api_key": CONFIG_KEYS, "api_keys_file": str(keys_file)},
+        server={
+            "api_key": CONFIG_KEYS,
+            "api_keys_file": str(keys_file),
+            "cors_origins": ["http://app.example"],
+        },
         env={"LLAMAFLEET_API_KEYS": ",".join(ENV_KEYS)},
         api_key=None,
         client_key=FILE_KEYS[1],
@@ -122,6 +126,22 @@ def test_responses_websocket_needs_a_key(keyed: Server) -> None:
         ):
             pass
         assert event["type"] == "response.incomplete", event
+
+
+def test_cors_preflight_needs_no_key(keyed: Server) -> None:
+    preflight = httpx.options(
+        f"{keyed.base_url}/v1/chat/completions",
+        headers={
+            "Origin": "http://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+    # The request that follows still needs its key.
+    _assert_401(_call(keyed, "GET", "/v1/models", None, None))
 
 
 def test_health_and_metrics_are_open_by_default(keyed: Server) -> None:
