@@ -18,6 +18,7 @@ written 0600 and directories 0700; a secret file readable by other users is refu
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -26,8 +27,11 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from shared.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 ROUTER_NAME = "router"
 WORKERS_DIR = "workers"
@@ -188,3 +192,45 @@ def secure_client(socket: zmq.Socket[Any], keys: WorkerKeys | None) -> None:
     socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     socket.setsockopt(zmq.CURVE_SERVERKEY, keys.router_public)
+
+
+class RouterRefusedKey(ConfigError):
+    """The router's allow-list does not hold this worker's key: ZeroMQ will not retry, so the worker stops."""
+
+
+class HandshakeWatch:
+    """Watches a worker socket's CURVE handshakes until the worker is announced.
+
+    A key the router refuses ends ZeroMQ's reconnect attempts for good, so it is an error (the worker
+    exits; its supervisor retries later). A handshake that fails without an answer (usually a wrong
+    `router.key`) is retried by ZeroMQ; it is logged once."""
+
+    _FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+    def __init__(self, socket: zmq.Socket[Any], endpoint: str, keys_dir: str, key_name: str) -> None:
+        self._socket = socket
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | self._FAILED)
+        self._endpoint = endpoint
+        self._where = f"{keys_dir}/{WORKERS_DIR}/{key_name}{PUBLIC_SUFFIX}"
+        self._router_key = f"{keys_dir}/{ROUTER_NAME}{PUBLIC_SUFFIX}"
+        self._warned = False
+
+    def check(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise RouterRefusedKey(
+                    f"the router at {self._endpoint} refused this worker's CURVE key: its public key "
+                    f"{self._where} must be in the router's workers.keys_dir (then restart the router)"
+                )
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "the CURVE handshake with %s failed; retrying. Is %s the router's public key?",
+                    self._endpoint,
+                    self._router_key,
+                )
+
+    def close(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(0)

@@ -92,6 +92,14 @@ class WorkerProcess:
         self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
         self.requests.setsockopt(zmq.LINGER, 0)
         curve.secure_client(self.requests, keys)
+        self.handshake = None
+        if keys is not None and config.workers.keys_dir:
+            self.handshake = curve.HandshakeWatch(
+                self.requests,
+                config.requests_endpoint(),
+                config.workers.keys_dir,
+                curve.worker_key_name(index),
+            )
         self.requests.connect(config.requests_endpoint())
         self.results = self.zmq.socket(zmq.PUSH)
         self.results.setsockopt(zmq.LINGER, 2000)
@@ -131,19 +139,19 @@ class WorkerProcess:
         self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
-        # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
-        self._announce(
-            protocol.encode(
-                {
-                    "t": protocol.READY,
-                    "worker": self.index,
-                    "pid": os.getpid(),
-                    "model": self.config.model.served_name,
-                    "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
-                }
-            )
-        )
         try:
+            # `ready` goes over the DEALER: when the router receives it there, it can route requests back.
+            self._announce(
+                protocol.encode(
+                    {
+                        "t": protocol.READY,
+                        "worker": self.index,
+                        "pid": os.getpid(),
+                        "model": self.config.model.served_name,
+                        "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
+                    }
+                )
+            )
             self._loop()
         finally:
             self.heartbeat.stop()
@@ -159,11 +167,18 @@ class WorkerProcess:
 
         A plain send would block (beyond SIGTERM's reach) while no router accepts the connection, e.g.
         while the router refuses this worker's CURVE key."""
-        while not self.stopping:
-            if self.requests.poll(100, zmq.POLLOUT):
-                self.requests.send(ready, zmq.NOBLOCK)
-                log.info("worker %d ready: %s", self.index, self.engine.info)
-                return
+        try:
+            while not self.stopping:
+                if self.handshake is not None:
+                    self.handshake.check()  # raises when the router refused our key
+                if self.requests.poll(100, zmq.POLLOUT):
+                    self.requests.send(ready, zmq.NOBLOCK)
+                    log.info("worker %d ready: %s", self.index, self.engine.info)
+                    return
+        finally:
+            if self.handshake is not None:  # its monitor socket would keep zmq.term() waiting
+                self.handshake.close()
+                self.handshake = None
 
     def _loop(self) -> None:
         poller = zmq.Poller()

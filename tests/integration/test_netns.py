@@ -189,7 +189,9 @@ def test_router_and_worker_in_two_namespaces_with_curve(
         again = _client(router_ns, "complete")
         assert again["status"] == 200, again
         assert again["health"] == {"status": "ok", "workers_up": 1, "workers": 1}
-        assert rogue.process.poll() is None and "worker 1 ready" not in router.text()
+        assert "worker 1 ready" not in router.text()
+        assert rogue.process.wait(60) == 2  # ZeroMQ does not retry a refused key: the worker exits
+        assert "refused this worker's CURVE key" in rogue.text()
     finally:
         for process in (rogue, worker, router):
             if process is not None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,8 +92,8 @@ def test_tcp_without_keys_is_refused_unless_insecure_tcp_is_set(tmp_path: Path) 
         assert main(argv) == 2
 
 
-def _curve_server(context: zmq.Context, keys: curve.RouterKeys) -> zmq.Socket:
-    server = context.socket(zmq.PULL)
+def _curve_server(context: zmq.Context, keys: curve.RouterKeys, kind: int = zmq.PULL) -> zmq.Socket:
+    server = context.socket(kind)
     server.setsockopt(zmq.LINGER, 0)
     curve.secure_server(server, keys)
     server.bind("tcp://127.0.0.1:*")
@@ -150,6 +151,51 @@ def test_worker_talks_only_to_the_router_key_it_knows(tmp_path: Path) -> None:
         client = _send_from(context, endpoint, worker)
         client.send(b"a prompt's tokens")
         assert not server.poll(1000), "the worker handed a message to a router with an unknown key"
+    finally:
+        authenticator.stop()
+        context.destroy(linger=0)
+
+
+def test_handshake_watch_reports_refusals_and_failed_handshakes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    curve.write_keys(tmp_path / "real", 1)
+    curve.write_keys(tmp_path / "other", 1)
+    router_keys = curve.load_router_keys(tmp_path / "real")
+    stranger = curve.load_worker_keys(tmp_path / "other", 0)
+    context = zmq.Context()
+    authenticator = start_authenticator(context, router_keys)
+    server = _curve_server(context, router_keys, zmq.ROUTER)  # the worker's DEALER talks to a ROUTER
+    endpoint = server.getsockopt(zmq.LAST_ENDPOINT).decode()
+    cases = [
+        # An unknown worker key (the right router key): refused, an error.
+        (curve.WorkerKeys(stranger.public, stranger.secret, router_keys.public), curve.RouterRefusedKey),
+        # A wrong router key: the handshake fails and is retried; a warning.
+        (stranger, None),
+    ]
+    try:
+        for keys, error in cases:
+            client = context.socket(zmq.DEALER)
+            client.setsockopt(zmq.LINGER, 0)
+            curve.secure_client(client, keys)
+            watch = curve.HandshakeWatch(client, endpoint, "KEYS", "worker-0")
+            client.connect(endpoint)
+            deadline = time.monotonic() + 20
+            with caplog.at_level("WARNING", logger="shared.curve"):
+                while time.monotonic() < deadline:
+                    try:
+                        watch.check()
+                    except curve.RouterRefusedKey as refused:
+                        assert error is curve.RouterRefusedKey
+                        assert "KEYS/workers/worker-0.key" in str(refused)
+                        break
+                    if error is None and "Is KEYS/router.key the router's public key?" in caplog.text:
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail(f"no handshake report for {error}")
+            watch.close()
+            client.close(0)
     finally:
         authenticator.stop()
         context.destroy(linger=0)
