@@ -126,6 +126,12 @@ def test_allow_list_admits_known_worker_keys_only(tmp_path: Path, caplog: pytest
             rogue_socket.send(b"from the rogue")
             assert not server.poll(1000), "a worker key outside the allow-list got through"
         assert any("refused a worker connection" in r.getMessage() for r in caplog.records)
+        # A plain (NULL mechanism) client, as in the script, gets nowhere either.
+        plain = context.socket(zmq.PUSH)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(endpoint)
+        plain.send(b"from a plain client")
+        assert not server.poll(1000), "a client without CURVE got through"
         assert rogue.public.decode() in caplog.text
         real_socket = _send_from(context, endpoint, real)
         real_socket.send(b"from worker 0")
