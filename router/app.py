@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router import openapi as docs
+from router.auth import HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
 from router.chat import create_chat_completion
 from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
-from router.errors import APIError, error_response, install_error_handlers, retry_headers
+from router.errors import APIError, install_error_handlers, retry_headers
 from router.limits import BodySizeLimit
 from router.metrics import route_label
 from router.responses import ResponsesRequest
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 # Hooks a supervisor passes in to start and stop the workers it owns around the router's life.
 LifecycleHook = Callable[[ServerState], Awaitable[None]]
-
-_OPEN_PATHS = {"/healthz", "/metrics"}
 
 
 def create_app(
@@ -60,8 +59,12 @@ def create_app(
     app = FastAPI(title="llamafleet", lifespan=lifespan)
     app.state.llamafleet = state
     install_error_handlers(app)
+    api_keys = load_api_keys(config.server, os.environ)
+    protect = config.server.protect_health_and_metrics
+    # Added before CORS, so CORS (the outer one) answers preflight requests, which carry no key.
+    app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_health_and_metrics=protect)
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
-    docs.install_openapi(app, bool(config.server.api_key), _OPEN_PATHS)
+    docs.install_openapi(app, bool(api_keys), set() if protect else set(HEALTH_AND_METRICS))
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -72,19 +75,6 @@ def create_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        api_key = config.server.api_key
-        if api_key and request.url.path not in _OPEN_PATHS:
-            supplied = request.headers.get("authorization", "")
-            token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
-                return error_response(
-                    APIError(
-                        401,
-                        "invalid or missing API key",
-                        "authentication_error",
-                        code="invalid_api_key",
-                    )
-                )
         started = time.monotonic()
         state.metrics.in_flight.inc()
         try:

@@ -17,15 +17,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
 
 from router.routing import PrefixRouter
-from shared import protocol
+from router.zap import start_authenticator
+from shared import curve, protocol
 from shared.config import Config
+from shared.ipc import IpcSockets
 from shared.protocol import EmbeddingsReply, EmbedRequest, FrameItem, SubmitRequest
 
 log = logging.getLogger(__name__)
@@ -96,20 +98,35 @@ class Dispatcher:
         self.on_ready: Callable[[int], None] | None = None
         self.on_unresponsive: Callable[[int, int], None] | None = None
         self._hello_sent: dict[int, float] = {}
+        # Loaded here, so a missing or unsafe key file is a config error before anything starts.
+        self._keys = curve.load_router_keys(config.workers.keys_dir) if config.workers.keys_dir else None
+        self._authenticator: ThreadAuthenticator | None = None
+        self._ipc = IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir())
+        self._ipc.check()
+
+    def _secure_sockets(self) -> None:
+        """Private ipc folder; CURVE servers with an allow-list when keys are configured (before bind)."""
+        self._ipc.prepare()
+        for endpoint in self.config.insecure_network_endpoints():
+            log.warning("workers.insecure_tcp: %s is neither authenticated nor encrypted", endpoint)
+        if self._keys is not None:
+            self._authenticator = start_authenticator(self._ctx, self._keys)
+            for sock in (self._requests, self._results):
+                assert sock is not None
+                curve.secure_server(sock, self._keys)
 
     async def start(self) -> None:
-        for endpoint in (self.config.requests_endpoint(), self.config.results_endpoint()):
-            if endpoint.startswith("ipc://"):
-                Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
         self._requests = self._ctx.socket(zmq.ROUTER)
+        self._results = self._ctx.socket(zmq.PULL)
+        self._secure_sockets()
         self._requests.setsockopt(zmq.LINGER, 0)
         self._requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reconnects with its old routing id: hand the id over to the new peer.
         self._requests.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._requests.bind(self.config.requests_endpoint())
-        self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.LINGER, 0)
         self._results.bind(self.config.results_endpoint())
+        self._ipc.secure()
         self._tasks = [
             asyncio.create_task(self._read_results(), name="dispatch-reader"),
             asyncio.create_task(self._read_hellos(), name="dispatch-hellos"),
@@ -125,7 +142,10 @@ class Dispatcher:
         for sock in (self._requests, self._results):
             if sock is not None:
                 sock.close(0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self._ctx.term()
+        self._ipc.remove()
 
     # -- workers --------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections import OrderedDict
@@ -51,16 +50,10 @@ async def _deny(websocket: WebSocket, status: int, message: str, kind: str, code
         await websocket.close(code=1008, reason=message[:120])
 
 
-def _authorized(websocket: WebSocket, api_key: str | None) -> bool:
-    if not api_key:
-        return True
-    supplied = websocket.headers.get("authorization", "")
-    token = supplied[7:] if supplied.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(token.encode(), api_key.encode())
-
-
 async def serve_responses_websocket(state: ServerState, websocket: WebSocket) -> None:
-    """The WebSocket route: checks the handshake, then serves the connection until it closes."""
+    """The WebSocket route: checks the handshake, then serves the connection until it closes.
+
+    The API key was checked before this runs, by router/auth.py's middleware."""
     if not state.config.server.responses_websocket:
         await _deny(
             websocket,
@@ -69,9 +62,6 @@ async def serve_responses_websocket(state: ServerState, websocket: WebSocket) ->
             "invalid_request_error",
             "upgrade_required",
         )
-        return
-    if not _authorized(websocket, state.config.server.api_key):
-        await _deny(websocket, 401, "invalid or missing API key", "authentication_error", "invalid_api_key")
         return
     await websocket.accept()
     await ResponsesSession(state, websocket).run()

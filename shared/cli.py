@@ -1,4 +1,4 @@
-"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`."""
+"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`, `keys`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,34 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--port", type=int, help="override server.port")
         if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
             command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    keys = commands.add_parser(
+        "keys", help="write ZeroMQ CURVE key pairs for the router and workers (for workers.keys_dir)"
+    )
+    keys.add_argument("dir", type=Path, help="key folder (created 0700); existing keys are kept")
+    keys.add_argument("--workers", type=int, default=1, help="write keys for workers 0..N-1 (default 1)")
     return parser
+
+
+def _write_keys(directory: Path, workers: int) -> int:
+    from shared.curve import write_keys
+
+    if workers < 1:
+        print("llamafleet: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        written = write_keys(directory, workers)
+    except OSError as error:
+        print(f"llamafleet: cannot write keys: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path} and its public .key")
+    if not written:
+        print(f"{directory}: every key exists already; nothing written")
+    print(
+        f"router host: {directory}/router.key_secret and {directory}/workers/*.key; "
+        f"worker N's host: {directory}/router.key and {directory}/workers/worker-N.key_secret"
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.command)
     try:
+        if args.command == "keys":
+            return _write_keys(args.dir, args.workers)
         if args.command == "worker":
             from shared.threads import tune_openmp
 

@@ -27,7 +27,13 @@ class ServerOptions(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = None
+    # Bearer keys clients must send (any one of them): one string or a list; also `api_keys_file` and the
+    # LLAMAFLEET_API_KEYS environment variable (router/auth.py). None of them set: no key needed.
+    api_key: str | list[str] | None = None
+    # A file with one key per line (blank lines and lines starting with # ignored), read at start-up.
+    api_keys_file: str | None = None
+    # With keys configured, /healthz and /metrics need a key too (by default they stay open for probes).
+    protect_health_and_metrics: bool = False
     # Requests waiting for a sequence beyond this many answer 429.
     max_queued_requests: int = Field(default=256, ge=0)
     # A request body (or WebSocket message) over this many bytes answers 413 before it is read.
@@ -37,6 +43,12 @@ class ServerOptions(BaseModel):
     # Disables WS /v1/responses (clients then get 426 and fall back to HTTP).
     responses_websocket: bool = True
     cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_from_env(cls, value: Any) -> Any:
+        # LLAMAFLEET_SERVER__API_KEY=12345 reaches us JSON-decoded as an integer.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class FromPretrainedOptions(BaseModel):
@@ -231,6 +243,11 @@ class WorkerOverride(BaseModel):
     threads_batch: int | None = None
 
 
+def is_network_endpoint(endpoint: str) -> bool:
+    """tcp:// and any other ZeroMQ transport that leaves the host's user accounts (not ipc:// or inproc://)."""
+    return not endpoint.startswith(("ipc://", "inproc://"))
+
+
 class WorkersOptions(BaseModel):
     model_config = _STRICT
 
@@ -238,6 +255,11 @@ class WorkersOptions(BaseModel):
     # The router binds these; workers connect. ipc:// paths default to a per-port runtime folder.
     requests_endpoint: str | None = None
     results_endpoint: str | None = None
+    # ZeroMQ CURVE (shared/curve.py): the folder `llamafleet keys DIR` wrote. Set, the router accepts only
+    # the workers' keys found there and workers talk only to the router's key.
+    keys_dir: str | None = None
+    # tcp:// endpoints without keys_dir refuse to start unless this is set (then a warning is logged).
+    insecure_tcp: bool = False
     # Environment for every worker process, then per-worker overrides by index.
     env: dict[str, str] = Field(default_factory=dict)
     overrides: list[WorkerOverride] = Field(default_factory=list)
@@ -248,6 +270,18 @@ class WorkersOptions(BaseModel):
     # "prefix": send a request to the worker that saw its longest prompt prefix (prefix-cache hits) unless
     # that worker is full; "least_loaded": ignore prefixes.
     routing: Literal["prefix", "least_loaded"] = "prefix"
+
+    @model_validator(mode="after")
+    def _tcp_needs_keys(self) -> WorkersOptions:
+        for name in ("requests_endpoint", "results_endpoint"):
+            endpoint = getattr(self, name)
+            if endpoint and is_network_endpoint(endpoint) and not self.keys_dir and not self.insecure_tcp:
+                raise ValueError(
+                    f"workers.{name} is {endpoint}: anyone who reaches it could act as a worker or the "
+                    "router. Set workers.keys_dir (create the keys with `llamafleet keys DIR`) to "
+                    "authenticate and encrypt with ZeroMQ CURVE, or workers.insecure_tcp: true to accept this"
+                )
+        return self
 
     def override_for(self, index: int) -> WorkerOverride:
         return self.overrides[index] if index < len(self.overrides) else WorkerOverride()
@@ -283,6 +317,13 @@ class Config(BaseSettings):
     def ipc_dir(self) -> Path:
         base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
         return Path(base) / f"llamafleet-{self.server.port}"
+
+    def insecure_network_endpoints(self) -> list[str]:
+        """Network endpoints in use without CURVE (`workers.insecure_tcp`): to warn about at start-up."""
+        if self.workers.keys_dir:
+            return []
+        endpoints = (self.requests_endpoint(), self.results_endpoint())
+        return [endpoint for endpoint in endpoints if is_network_endpoint(endpoint)]
 
     def requests_endpoint(self) -> str:
         return self.workers.requests_endpoint or f"ipc://{self.ipc_dir() / 'requests.sock'}"

@@ -21,8 +21,9 @@ from typing import Any
 
 import zmq
 
-from shared import protocol
+from shared import curve, protocol
 from shared.config import Config
+from shared.ipc import check_worker_endpoints
 from shared.models import resolve_model_path
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
@@ -47,11 +48,13 @@ class Heartbeat(threading.Thread):
         index: int,
         interval: float,
         snapshot: Callable[[], dict[str, Any]],
+        keys: curve.WorkerKeys | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._socket = context.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 10)
+        curve.secure_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._index = index
         self._interval = interval
@@ -79,16 +82,36 @@ class WorkerProcess:
         self.config = config
         self.index = index
         self.stopping = False
+        # CURVE keys (a config error if missing) and a private ipc folder, before any socket exists.
+        keys = curve.load_worker_keys(config.workers.keys_dir, index) if config.workers.keys_dir else None
+        check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+        for endpoint in config.insecure_network_endpoints():
+            log.warning("workers.insecure_tcp: %s is neither authenticated nor encrypted", endpoint)
         self.zmq = zmq.Context()
         self.requests = self.zmq.socket(zmq.DEALER)
         self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
         self.requests.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(self.requests, keys)
+        self.handshake = None
+        if keys is not None and config.workers.keys_dir:
+            self.handshake = curve.HandshakeWatch(
+                self.requests,
+                config.requests_endpoint(),
+                config.workers.keys_dir,
+                curve.worker_key_name(index),
+            )
         self.requests.connect(config.requests_endpoint())
         self.results = self.zmq.socket(zmq.PUSH)
         self.results.setsockopt(zmq.LINGER, 2000)
+        curve.secure_client(self.results, keys)
         self.results.connect(config.results_endpoint())
         self.heartbeat = Heartbeat(
-            self.zmq, config.results_endpoint(), index, config.workers.heartbeat_interval_seconds, self._stats
+            self.zmq,
+            config.results_endpoint(),
+            index,
+            config.workers.heartbeat_interval_seconds,
+            self._stats,
+            keys,
         )
 
     def send(self, message: dict[str, Any]) -> None:
@@ -119,9 +142,8 @@ class WorkerProcess:
         self.scheduler = Scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
-        self._announce()
-        log.info("worker %d ready: %s", self.index, self.engine.info)
         try:
+            self._announce_first()
             self._loop()
         finally:
             self.heartbeat.stop()
@@ -132,19 +154,36 @@ class WorkerProcess:
             self.results.close()
             self.zmq.term()
 
-    def _announce(self) -> None:
+    def _ready_message(self) -> bytes:
         """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
-        self.requests.send(
-            protocol.encode(
-                {
-                    "t": protocol.READY,
-                    "worker": self.index,
-                    "pid": os.getpid(),
-                    "model": self.config.model.served_name,
-                    "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
-                }
-            )
+        return protocol.encode(
+            {
+                "t": protocol.READY,
+                "worker": self.index,
+                "pid": os.getpid(),
+                "model": self.config.model.served_name,
+                "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
+            }
         )
+
+    def _announce_first(self) -> None:
+        """Sends `ready` once the DEALER has a router to send to, staying stoppable meanwhile.
+
+        A plain send would block (beyond SIGTERM's reach) while no router accepts the connection, e.g.
+        while the router refuses this worker's CURVE key."""
+        ready = self._ready_message()
+        try:
+            while not self.stopping:
+                if self.handshake is not None:
+                    self.handshake.check()  # raises when the router refused our key
+                if self.requests.poll(100, zmq.POLLOUT):
+                    self.requests.send(ready, zmq.NOBLOCK)
+                    log.info("worker %d ready: %s", self.index, self.engine.info)
+                    return
+        finally:
+            if self.handshake is not None:  # its monitor socket would keep zmq.term() waiting
+                self.handshake.close()
+                self.handshake = None
 
     def _hello(self, live: set[str]) -> None:
         """A router (re)started, or gave up on this worker for a while: drop what nobody waits for."""
@@ -157,7 +196,8 @@ class WorkerProcess:
             log.warning(
                 "worker %d dropped %d requests the router no longer waits for", self.index, len(dropped)
             )
-        self._announce()
+        with contextlib.suppress(zmq.Again):  # the router that asked is gone again: its successor asks
+            self.requests.send(self._ready_message(), zmq.NOBLOCK)
 
     def _loop(self) -> None:
         poller = zmq.Poller()

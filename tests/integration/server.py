@@ -130,7 +130,8 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                if httpx.get(f"{self.base_url}/healthz", headers=headers, timeout=2).status_code == 200:
                     self.workers()
                     return
             time.sleep(0.1)
@@ -179,7 +180,10 @@ def run_server(
     env: dict[str, str] | None = None,
     api_key: str | None = "test-key",
     passive_threads: bool = True,
+    umask: int = -1,
+    client_key: str | None = None,
 ) -> Iterator[Server]:
+    """`api_key` goes into the config; `client_key` (default: `api_key`) is what the test's clients send."""
     run_dir = Path(tempfile.mkdtemp(prefix="lf-"))
     port = free_port()
     config: dict[str, Any] = {
@@ -210,8 +214,10 @@ def run_server(
             env=process_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            umask=umask,
         )
-    handle = Server(f"http://127.0.0.1:{port}", process, config, log_path, api_key or "")
+    key = client_key if client_key is not None else api_key
+    handle = Server(f"http://127.0.0.1:{port}", process, config, log_path, key or "")
     try:
         handle.wait_healthy()
         yield handle

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from shared.config import FromPretrainedOptions
+from shared.curve import write_keys
 from shared.models import ModelSourceError, resolve_from_pretrained
 from tests.integration.server import REPO, free_port, model_config, run_server
 
@@ -107,12 +108,14 @@ def test_server_from_hub_cache(hub_cache: Path) -> None:
 
 def test_router_and_worker_as_separate_processes_over_tcp(tmp_path: Path, tiny_llama_gguf: Path) -> None:
     port, req_port, res_port = free_port(), free_port(), free_port()
+    write_keys(tmp_path / "keys", 1)  # tcp:// needs CURVE keys (or workers.insecure_tcp)
     config = {
         "server": {"port": port},
         "model": model_config(tiny_llama_gguf),
         "workers": {
             "requests_endpoint": f"tcp://127.0.0.1:{req_port}",
             "results_endpoint": f"tcp://127.0.0.1:{res_port}",
+            "keys_dir": str(tmp_path / "keys"),
         },
     }
     path = tmp_path / "config.json"

@@ -190,7 +190,9 @@ def test_env_example_overrides_are_real_config_fields(monkeypatch: pytest.Monkey
         node: object = parsed
         for part in key.removeprefix("LLAMAFLEET_").lower().split("__"):
             node = getattr(node, part)
-        if isinstance(node, (int, float)):
+        if isinstance(node, bool):
+            assert node == (value.lower() in ("1", "true", "yes", "on")), key
+        elif isinstance(node, (int, float)):
             assert node == float(value), key
         else:
             assert str(node) == value, key
