@@ -80,6 +80,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stopping = False
         self._fatal: str | None = None
+        self._exit_code = 1
         self._link: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -154,6 +155,7 @@ class Supervisor:
             self._link = None
             if code in _FATAL_ROUTER_CODES and not self.ready:
                 self._fatal = f"the router could not start (exit code {code}); see the log above"
+                self._exit_code = ROUTER_CONFIG_ERROR if code == ROUTER_CONFIG_ERROR else 1
                 self._stop.set()
             return
         index = next(i for i, c in self.workers.items() if c is child)
@@ -216,7 +218,7 @@ class Supervisor:
         await self._shutdown()
         if self._fatal is not None:
             log.error("%s", self._fatal)
-            return 1
+            return self._exit_code
         return 0
 
     async def _wait_ready(self) -> bool:

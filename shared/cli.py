@@ -77,6 +77,16 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         config.server.port = args.port
         router_args += ["--port", str(args.port)]
+    # What the router and workers would refuse at start, refused here first (exit 2, nothing started).
+    from shared import curve
+    from shared.ipc import IpcSockets, check_worker_endpoints
+
+    IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir()).check()
+    check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+    if config.workers.keys_dir:
+        curve.load_router_keys(config.workers.keys_dir)
+        for index in range(config.workers.count):
+            curve.load_worker_keys(config.workers.keys_dir, index)
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
 
 

@@ -91,6 +91,9 @@ class WorkerProcess:
         self.requests = self.zmq.socket(zmq.DEALER)
         self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
         self.requests.setsockopt(zmq.LINGER, 0)
+        # Queue nothing to a connection that is not up yet (with CURVE: whose handshake has not passed), so
+        # `ready` waits for a router that accepted us, and a refused key is seen before `ready` is sent.
+        self.requests.setsockopt(zmq.IMMEDIATE, 1)
         curve.secure_client(self.requests, keys)
         self.handshake = None
         if keys is not None and config.workers.keys_dir:
