@@ -27,7 +27,8 @@ from shared.models import resolve_model_path
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
-from worker.scheduler import RequestRejected, Scheduler
+from worker.runner import build_scheduler
+from worker.scheduler import RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class WorkerProcess:
         disk = None
         if self.config.disk_cache is not None and not self.engine.embedding:
             disk = DiskTier(self.engine, self.config.disk_cache, model_path)
-        self.scheduler = Scheduler(self.engine, disk=disk)
+        self.scheduler = build_scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         self._announce()
