@@ -27,8 +27,6 @@ from worker.step import Failure, Sampler, SeqResult, SeqWork, StepOutput, StepPl
 
 log = logging.getLogger(__name__)
 
-_FLOAT_SIZE = ctypes.sizeof(ctypes.c_float)
-
 
 class ModelRunner:
     """The scheduler's `Runner` on a real LlamaEngine."""
@@ -38,8 +36,8 @@ class ModelRunner:
         self.faults = faults or FaultInjector()
         self._eog = engine.vocab.eog_ids
         self._get_logits = llama_cpp.llama_get_logits
-        self._get_logits_ith = llama_cpp.llama_get_logits_ith
-        self._sampler_sample = llama_cpp.llama_sampler_sample
+        self._logits_key = (0, 0)
+        self._logits_view: npt.NDArray[np.float32] = np.zeros((0, 0), dtype=np.float32)
 
     # -- what the scheduler reads -------------------------------------------------------------------
 
@@ -97,7 +95,9 @@ class ModelRunner:
         groups: dict[str, list[SeqWork]] = {}
         for item in plan.work:
             groups.setdefault(item.rid, []).append(item)
-        injected = {rid for rid in groups if self.faults.triggered("decode", rid)}
+        injected = (
+            {rid for rid in groups if self.faults.triggered("decode", rid)} if self.faults.rules else set()
+        )
         rows = self._fill(plan.work)
         status = 1 if injected else self.engine.decode(self.engine.batch.size)
         if status == 0:
@@ -123,10 +123,13 @@ class ModelRunner:
     def _after_decode(self, work: list[SeqWork], rows: list[int], output: StepOutput) -> None:
         """Shares finished prompts with sibling choices, then samples every sequence that asked to."""
         ctx = self.engine.ctx
+        faults = self.faults if self.faults.rules else None
         logits: npt.NDArray[np.float32] | None = None
-        base = 0
+        out_index = -1  # llama.cpp keeps the output rows' logits contiguous, in batch order
         failed: set[str] = set()
         for item, row in zip(work, rows, strict=True):
+            if item.n_logits:
+                out_index += 1
             for sibling in item.copy_to:
                 self.engine.seq_cp(item.seq_id, sibling)
             for task in item.samples:
@@ -135,14 +138,12 @@ class ModelRunner:
                 sampler = task.sampler
                 assert isinstance(sampler, SamplerChain)
                 try:
-                    self.faults.bug("sample", item.rid)
+                    if faults is not None:
+                        faults.bug("sample", item.rid)
                     if sampler.plain_greedy:
                         if logits is None:
-                            logits, base = self._all_logits()
-                        index = (
-                            ctypes.cast(self._get_logits_ith(ctx, row), ctypes.c_void_p).value or 0
-                        ) - base
-                        token = int(logits[index // (_FLOAT_SIZE * logits.shape[1])].argmax())
+                            logits = self._output_logits()
+                        token = int(logits[out_index].argmax())
                     else:
                         token = sampler.sample(ctx, row)
                     result = SeqResult([token])
@@ -159,13 +160,17 @@ class ModelRunner:
                     continue
                 output.sampled[task.seq_id] = result
 
-    def _all_logits(self) -> tuple[npt.NDArray[np.float32], int]:
-        """Every output row's logits as one (rows, n_vocab) view, and its address."""
+    def _output_logits(self) -> npt.NDArray[np.float32]:
+        """Every output row's logits as one (rows, n_vocab) view (kept while llama.cpp's buffer stays)."""
         batch = self.engine.batch
         n_outputs = int(np.count_nonzero(batch.want_logits[: batch.size]))
-        pointer = self._get_logits(self.engine.ctx)
-        view = np.ctypeslib.as_array(pointer, shape=(n_outputs, self.engine.vocab.n_vocab))
-        return view, ctypes.cast(pointer, ctypes.c_void_p).value or 0
+        address = ctypes.cast(self._get_logits(self.engine.ctx), ctypes.c_void_p).value or 0
+        key = (address, n_outputs)
+        if self._logits_key != key:
+            pointer = ctypes.cast(address, ctypes.POINTER(ctypes.c_float))
+            self._logits_view = np.ctypeslib.as_array(pointer, shape=(n_outputs, self.engine.vocab.n_vocab))
+            self._logits_key = key
+        return self._logits_view
 
 
 def build_scheduler(

@@ -490,16 +490,6 @@ class SamplerChain:
         log.warning("grammar allows no token here; ending the sequence")
         return int(llama_cpp.llama_vocab_eos(self._vocab))
 
-    def accept(self, token: int) -> None:
-        """Accepts a token chosen elsewhere (it must satisfy the grammar, if any)."""
-        if self._grammar is not None:
-            if not self._grammar.safe(token):
-                raise SamplerInitError(f"token {token} is not allowed by the grammar")
-            self._grammar.accept(token)
-        llama_cpp.llama_sampler_accept(self._logits.sampler, token)
-        if self._pick is not None:
-            llama_cpp.llama_sampler_accept(self._pick.sampler, token)
-
     @property
     def constrained(self) -> bool:
         """True while a grammar constrains the next token (false without one or while it waits)."""

@@ -4,7 +4,10 @@ Each step carries one decode row for every running sequence plus prefill chunks 
 `n_batch`, so a long prompt stalls running streams for at most one chunk. Admission reserves KV cells for the
 prompt and every choice's `max_tokens` up front, so llama_decode never runs out of cells under load; a
 request that could never fit is refused at submit rather than blocking the queue. One request's failure
-(sampler, decode) is isolated to that request.
+(start, sampler, decode) is isolated to that request.
+
+A step is `plan()` -> the runner's `execute()` -> `commit()` (worker/step.py has the messages). This module
+decides only: it never touches llama.cpp, so tests/unit/test_scheduler.py drives it with a fake runner.
 """
 
 from __future__ import annotations
