@@ -331,6 +331,19 @@ def test_a_finished_prompt_is_taken_over_by_a_longer_one() -> None:
     assert_all_returned(sched, runner)
 
 
+def test_a_takeover_counts_the_cached_cells_it_reuses() -> None:
+    sched, runner = make(n_ctx=100, n_ctx_seq=100)
+    shared = prompt_of(5, 40)
+    submit(sched, "a", shared, max_tokens=3)
+    drive(sched)
+    # 50 prompt + 45 new cells: fits in 100 only because the 43 cached cells are taken over, not added.
+    longer = submit(sched, "b", shared + prompt_of(6, 10), max_tokens=45)
+    run = drive(sched)
+    assert run.usage["b"]["cached_tokens"] == 40
+    assert run.tokens["b", 0] == reference(longer, 45)
+    assert_all_returned(sched, runner)
+
+
 def test_prefix_cache_off_prefills_everything() -> None:
     sched, runner = make(prefix_cache=False)
     shared = prompt_of(5, 40)
