@@ -174,7 +174,8 @@ class Scheduler:
         self.reserved = 0
         self.stats = SchedulerStats(kv_cells_total=self.kv_capacity)
         self._eog = runner.eog_ids
-        self._planned: dict[int, Sequence] = {}  # sequence id -> sequence, for the step being run
+        # Sequence id -> sequence for the plan being run: `commit()` takes the output of the last `plan()`.
+        self._planned: dict[int, Sequence] = {}
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -343,50 +344,35 @@ class Scheduler:
             key=lambda seq: seq.seq_id,
         )
         budget = self.n_batch - len(decoding)
-        chunks: list[tuple[int, SeqWork]] = []
+        work: list[SeqWork] = []
+        for seq in decoding:
+            planned[seq.seq_id] = seq
+            sample = SampleTask(seq.seq_id, seq.sampler, seq.request.submit.logprobs)
+            work.append(
+                SeqWork(seq.request.submit.rid, seq.seq_id, [seq.last_token], seq.n_past, 1, [sample])
+            )
         for request in self.running.values():  # prefill budget in arrival order
             if not request.prefilling or budget <= 0:
                 continue
             leader = request.leader
             take = min(len(request.prompt) - leader.n_past, budget)
             budget -= take
-            rid = request.submit.rid
-            work = SeqWork(
-                rid, leader.seq_id, request.prompt[leader.n_past : leader.n_past + take], leader.n_past, 0
-            )
+            chunk = request.prompt[leader.n_past : leader.n_past + take]
+            item = SeqWork(request.submit.rid, leader.seq_id, chunk, leader.n_past, 0)
             if leader.n_past + take == len(request.prompt):  # the last chunk: every choice samples from it
-                work.n_logits = 1
-                work.samples = [
+                item.n_logits = 1
+                item.samples = [
                     SampleTask(s.seq_id, s.sampler, request.submit.logprobs) for s in request.sequences
                 ]
-                work.copy_to = [s.seq_id for s in request.sequences[1:]]
+                item.copy_to = [s.seq_id for s in request.sequences[1:]]
                 for seq in request.sequences:
                     planned[seq.seq_id] = seq
             planned[leader.seq_id] = leader
-            chunks.append((leader.seq_id, work))
-        chunks.sort(key=lambda chunk: chunk[0])
-        work_items: list[SeqWork] = []
-        pending = iter(chunks)
-        chunk = next(pending, None)
-        for seq in decoding:
-            while chunk is not None and chunk[0] < seq.seq_id:
-                work_items.append(chunk[1])
-                chunk = next(pending, None)
-            planned[seq.seq_id] = seq
-            work_items.append(
-                SeqWork(
-                    seq.request.submit.rid,
-                    seq.seq_id,
-                    [seq.last_token],
-                    seq.n_past,
-                    1,
-                    [SampleTask(seq.seq_id, seq.sampler, seq.request.submit.logprobs)],
-                )
-            )
-        while chunk is not None:
-            work_items.append(chunk[1])
-            chunk = next(pending, None)
-        return StepPlan(work_items)
+            work.append(item)
+        # Rows go in sequence-id order: with per-sequence KV streams llama.cpp only batches consecutive
+        # ids into one ubatch, so this keeps a decode step to as few ubatches as the ids allow.
+        work.sort(key=lambda item: item.seq_id)
+        return StepPlan(work)
 
     def commit(self, plan: StepPlan, output: StepOutput) -> StepResult:
         """Fails the requests the runner reports failed, advances positions, saves finished prompts to the

@@ -288,6 +288,19 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding() -> None
     assert run.tokens["short", 0] == reference(prompt_of(1, 4), 12)
 
 
+def test_rows_go_in_sequence_id_order_and_ids_are_reused_lowest_first() -> None:
+    sched, runner = make(prefix_cache=False)
+    submit(sched, "a", prompt_of(1, 4), max_tokens=2)
+    submit(sched, "b", prompt_of(2, 4), max_tokens=20)
+    run = Run()
+    for _ in range(3):
+        step(sched, run)
+    assert "a" in run.usage and sched.running["b"].leader.seq_id == 1
+    submit(sched, "c", prompt_of(3, 4), max_tokens=2)
+    step(sched, run)
+    assert [(w.rid, w.seq_id) for w in runner.plans[-1].work] == [("c", 0), ("b", 1)]
+
+
 def test_long_prompt_behind_many_short_requests_is_not_starved() -> None:
     sched, runner = make(n_batch=32, n_seq_max=4, prefix_cache=False)
     for i in range(12):
