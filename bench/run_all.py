@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving
+from bench import embeddings, prefix, serving, step_overhead
 
 
 def main() -> None:
@@ -10,6 +10,8 @@ def main() -> None:
     serving.main([])
     print("\n== prefix caching ==")
     prefix.main([])
+    print("\n== host overhead per engine step ==")
+    step_overhead.main([])
     print("\n== embeddings ==")
     embeddings.main([])
 

@@ -31,6 +31,7 @@ class BatchBuffer:
             *[ctypes.cast(base + i * int_size, ctypes.POINTER(ctypes.c_int32)) for i in range(capacity)]
         )
         self.size = 0
+        self._batch = self._make_batch()
 
     def clear(self) -> None:
         self.size = 0
@@ -69,8 +70,12 @@ class BatchBuffer:
         return end - 1
 
     def view(self, n_tokens: int) -> llama_cpp.llama_batch:
+        """The llama_batch of the first `n_tokens` rows (one struct, built once: the buffers never move)."""
+        self._batch.n_tokens = n_tokens
+        return self._batch
+
+    def _make_batch(self) -> llama_cpp.llama_batch:
         batch = llama_cpp.llama_batch()
-        batch.n_tokens = n_tokens
         # llama_cpp annotates these fields as arrays; they are plain pointers into our numpy buffers.
         fields = {
             "token": self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),

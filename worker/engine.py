@@ -1,7 +1,7 @@
 """Ownership of one llama.cpp model and context: load with every runtime field the config names, decode, free.
 
-Nothing else in the worker calls llama_model_* / llama_init_from_model; the scheduler asks this class for
-decodes, logits and memory (KV) operations by sequence id.
+Nothing else in the worker calls llama_model_* / llama_init_from_model; the runner (worker/runner.py) asks
+this class for decodes, logits and memory (KV) operations by sequence id.
 """
 
 from __future__ import annotations
@@ -252,9 +252,6 @@ class LlamaEngine:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from worker.sampling import SamplerInitError
+from worker.step import SamplerInitError
 
 
 class FaultInjector:

@@ -28,7 +28,8 @@ from shared.models import resolve_model_path
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
-from worker.scheduler import RequestRejected, Scheduler
+from worker.runner import build_scheduler
+from worker.scheduler import RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class WorkerProcess:
                 disk = DiskTier(self.engine, self.config.disk_cache, model_path)
             except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
                 log.warning("disk cache disabled: %s", error)
-        self.scheduler = Scheduler(self.engine, disk=disk)
+        self.scheduler = build_scheduler(self.engine, disk=disk)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         try:

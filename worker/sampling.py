@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.protocol import SamplingParams, TokenLogprob
+from worker.step import SamplerInitError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ _TAIL_RATIO = 1e-3  # sampling: mass outside the shortlist must be this small ag
 # A trigger regex must mean the same to Python's `re` and to C++ std::regex (ECMAScript) — and an
 # invalid ECMAScript regex aborts the process — so only a common subset is allowed.
 _TRIGGER_SYNTAX = re.compile(r"(?:\\[sSdDwWnrt.^$|()*+?\[\]{}\\/]|\(\?:|\((?!\?)|[^\\({}])*")
-
-
-class SamplerInitError(ValueError):
-    """The request's sampling options (e.g. its grammar) could not be turned into a sampler."""
 
 
 class _Candidates:
@@ -368,6 +365,16 @@ class SamplerChain:
         seed = params.seed + seed_offset if params.seed is not None else random.getrandbits(32)
         self._rng = np.random.default_rng(seed & 0xFFFFFFFF)
         self._grammar: _Grammar | None = None
+        # Greedy with nothing that changes logits: the token is the first best logit, and the chain keeps
+        # no state, so a runner may pick it itself (one argmax) instead of calling llama_sampler_sample.
+        self.plain_greedy = (
+            self._greedy
+            and not grammar
+            and not params.logit_bias
+            and params.repeat_penalty == 1.0
+            and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+        )
         self._logits = _Chain()
         self._pick: _Chain | None = None
         try:
@@ -482,16 +489,6 @@ class SamplerChain:
         """No token satisfies the grammar (or its triggers): end the sequence with end-of-generation."""
         log.warning("grammar allows no token here; ending the sequence")
         return int(llama_cpp.llama_vocab_eos(self._vocab))
-
-    def accept(self, token: int) -> None:
-        """Accepts a token chosen elsewhere (it must satisfy the grammar, if any)."""
-        if self._grammar is not None:
-            if not self._grammar.safe(token):
-                raise SamplerInitError(f"token {token} is not allowed by the grammar")
-            self._grammar.accept(token)
-        llama_cpp.llama_sampler_accept(self._logits.sampler, token)
-        if self._pick is not None:
-            llama_cpp.llama_sampler_accept(self._pick.sampler, token)
 
     @property
     def constrained(self) -> bool:

@@ -4,7 +4,10 @@ Each step carries one decode row for every running sequence plus prefill chunks 
 `n_batch`, so a long prompt stalls running streams for at most one chunk. Admission reserves KV cells for the
 prompt and every choice's `max_tokens` up front, so llama_decode never runs out of cells under load; a
 request that could never fit is refused at submit rather than blocking the queue. One request's failure
-(sampler, decode) is isolated to that request.
+(start, sampler, decode) is isolated to that request.
+
+A step is `plan()` -> the runner's `execute()` -> `commit()` (worker/step.py has the messages). This module
+decides only: it never touches llama.cpp, so tests/unit/test_scheduler.py drives it with a fake runner.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -23,12 +27,23 @@ from shared.protocol import (
     SubmitRequest,
     TokenLogprob,
 )
-from worker.checkpoints import MemoryCheckpoints
-from worker.disk_tier import DiskTier
-from worker.engine import LlamaEngine
 from worker.faults import FaultInjector
-from worker.sampling import SamplerChain, SamplerInitError, token_logprob
 from worker.slots import ReusePlan, SlotTable
+from worker.step import (
+    PrefixTier,
+    Runner,
+    Sampler,
+    SamplerInitError,
+    SampleTask,
+    SeqResult,
+    SeqWork,
+    StepOutput,
+    StepPlan,
+)
+
+if TYPE_CHECKING:
+    from worker.checkpoints import MemoryCheckpoints
+    from worker.disk_tier import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +64,11 @@ class Sequence:
     request: ActiveRequest
     choice: int
     seq_id: int
-    sampler: SamplerChain
+    sampler: Sampler
     n_past: int = 0  # tokens of this sequence already in the KV cache
     last_token: int = -1  # sampled, not yet decoded
     generated: int = 0
     finished: bool = False
-    row: int = -1  # batch row whose logits this sequence samples from this step
     tokens: list[int] = field(default_factory=list)  # generated so far (the last one not yet decoded)
 
     @property
@@ -134,35 +148,40 @@ class Scheduler:
     """Owns the waiting queue, the running requests and the free sequence ids of one engine."""
 
     def __init__(
-        self, engine: LlamaEngine, faults: FaultInjector | None = None, disk: DiskTier | None = None
+        self,
+        runner: Runner,
+        faults: FaultInjector | None = None,
+        disk: DiskTier | None = None,
+        checkpoints: MemoryCheckpoints | None = None,
     ) -> None:
-        self.engine = engine
+        self.runner = runner
         self.disk = disk
+        self.checkpoints = checkpoints
         self.faults = faults or FaultInjector()
-        info = engine.info
+        info = runner.info
+        self.info = info
         self.n_ctx_seq = info.n_ctx_seq
-        self.kv_unified = engine.options.kv_unified
+        self.n_batch = info.n_batch
+        self.kv_unified = runner.kv_unified
         self.kv_capacity = info.n_ctx if self.kv_unified else info.n_ctx_seq * info.n_seq_max
-        self.slots = SlotTable(engine, enabled=engine.options.prefix_cache)
+        self.slots = SlotTable(
+            runner, info.n_seq_max, info.recurrent, self.kv_unified, enabled=runner.prefix_cache
+        )
         # Prefix stores beside the slots, tried in order: state checkpoints for models whose memory
         # cannot be truncated, then the disk.
-        self.checkpoints: MemoryCheckpoints | None = None
-        if engine.options.prefix_cache and not self.slots.can_truncate:
-            self.checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)
-        self.tiers: list[MemoryCheckpoints | DiskTier] = [
-            t for t in (self.checkpoints, disk) if t is not None
-        ]
+        self.tiers: list[PrefixTier] = [t for t in (checkpoints, disk) if t is not None]
         self.waiting: deque[ActiveRequest] = deque()
         self.running: dict[str, ActiveRequest] = {}
         self.reserved = 0
         self.stats = SchedulerStats(kv_cells_total=self.kv_capacity)
-        vocab = engine.vocab
-        self._eog = vocab.eog_ids
+        self._eog = runner.eog_ids
+        # Sequence id -> sequence for the plan being run: `commit()` takes the output of the last `plan()`.
+        self._planned: dict[int, Sequence] = {}
 
     # -- intake -------------------------------------------------------------------------------
 
     def _check(self, submit: SubmitRequest) -> None:
-        info = self.engine.info
+        info = self.info
         if not submit.prompt:
             raise RequestRejected("the prompt is empty")
         bad = next((t for t in submit.prompt if not 0 <= t < info.n_vocab), None)
@@ -194,7 +213,7 @@ class Scheduler:
         self._check(submit)
         if submit.rid in self.running or any(r.submit.rid == submit.rid for r in self.waiting):
             raise RequestRejected(f"duplicate request id {submit.rid}")
-        stop_ids = frozenset(submit.stop_token_ids) | (frozenset() if submit.ignore_eos else self._eog)
+        stop_ids = frozenset() if submit.ignore_eos else self._eog
         request = ActiveRequest(
             submit=submit,
             prompt=np.asarray(submit.prompt, dtype=np.int32),
@@ -259,20 +278,10 @@ class Scheduler:
         submit = request.submit
         self.faults.check("sampler", submit.rid)
         self.faults.bug("start", submit.rid)
-        vocab_ptr = self.engine.vocab._vocab
-        samplers: list[SamplerChain] = []
+        samplers: list[Sampler] = []
         try:
             for choice in range(submit.n):
-                samplers.append(
-                    SamplerChain(
-                        vocab_ptr,
-                        self.engine.vocab.n_vocab,
-                        submit.sampling,
-                        submit.grammar,
-                        choice,
-                        grammar_triggers=submit.grammar_triggers,
-                    )
-                )
+                samplers.append(self.runner.new_sampler(submit, choice))
         except Exception:
             for sampler in samplers:
                 sampler.close()
@@ -306,18 +315,25 @@ class Scheduler:
         if self.running.pop(request.submit.rid, None) is not None:
             self.reserved -= request.reserved_cells
 
-    # -- the step -------------------------------------------------------------------------------
+    # -- the step: plan -> run -> commit -------------------------------------------------------------
 
     def step(self) -> StepResult:
+        """Admits what fits, then runs one step: `plan()`, the runner's `execute()`, `commit()`."""
         errors: list[tuple[str, int, str, str]] = []
         self._admit(errors)
-        items: list[FrameItem] = []
         if not self.running:
             self._refresh_stats()
-            return StepResult(items, errors)
-        batch = self.engine.batch
-        batch.clear()
-        chunks: list[tuple[ActiveRequest, int, int]] = []  # request, tokens taken, logits row or -1
+            return StepResult([], errors)
+        plan = self.plan()
+        result = self.commit(plan, self.runner.execute(plan))
+        result.errors[:0] = errors
+        return result
+
+    def plan(self) -> StepPlan:
+        """One decode row for every running sequence, then prefill chunks in arrival order within
+        `n_batch`; work items in sequence-id order."""
+        planned = self._planned
+        planned.clear()
         decoding = sorted(
             (
                 seq
@@ -328,161 +344,95 @@ class Scheduler:
             ),
             key=lambda seq: seq.seq_id,
         )
-        budget = batch.capacity - len(decoding)
-        takes: dict[int, tuple[ActiveRequest, int]] = {}  # leader seq id -> request, prompt tokens this step
+        budget = self.n_batch - len(decoding)
+        work: list[SeqWork] = []
+        for seq in decoding:
+            planned[seq.seq_id] = seq
+            sample = SampleTask(seq.seq_id, seq.sampler, seq.request.submit.logprobs)
+            work.append(
+                SeqWork(seq.request.submit.rid, seq.seq_id, [seq.last_token], seq.n_past, 1, [sample])
+            )
         for request in self.running.values():  # prefill budget in arrival order
-            if request.prefilling and budget > 0:
-                take = min(len(request.prompt) - request.leader.n_past, budget)
-                takes[request.leader.seq_id] = (request, take)
-                budget -= take
+            if not request.prefilling or budget <= 0:
+                continue
+            leader = request.leader
+            take = min(len(request.prompt) - leader.n_past, budget)
+            budget -= take
+            chunk = request.prompt[leader.n_past : leader.n_past + take]
+            item = SeqWork(request.submit.rid, leader.seq_id, chunk, leader.n_past, 0)
+            if leader.n_past + take == len(request.prompt):  # the last chunk: every choice samples from it
+                item.n_logits = 1
+                item.samples = [
+                    SampleTask(s.seq_id, s.sampler, request.submit.logprobs) for s in request.sequences
+                ]
+                item.copy_to = [s.seq_id for s in request.sequences[1:]]
+                for seq in request.sequences:
+                    planned[seq.seq_id] = seq
+            planned[leader.seq_id] = leader
+            work.append(item)
         # Rows go in sequence-id order: with per-sequence KV streams llama.cpp only batches consecutive
         # ids into one ubatch, so this keeps a decode step to as few ubatches as the ids allow.
-        pending = iter(decoding)
-        seq = next(pending, None)
-        for seq_id in sorted(takes):
-            while seq is not None and seq.seq_id < seq_id:
-                seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
-                seq = next(pending, None)
-            request, take = takes[seq_id]
-            leader = request.leader
-            done = leader.n_past + take == len(request.prompt)
-            row = batch.add_chunk(
-                request.prompt[leader.n_past : leader.n_past + take], leader.n_past, leader.seq_id, done
-            )
-            chunks.append((request, take, row if done else -1))
-        while seq is not None:
-            seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
-            seq = next(pending, None)
+        work.sort(key=lambda item: item.seq_id)
+        return StepPlan(work)
 
-        handled = self._decode(decoding, chunks, items, errors)
-        self.stats.steps_total += 1
-        self._after_decode(decoding, chunks, items, errors, skip=handled)
+    def commit(self, plan: StepPlan, output: StepOutput) -> StepResult:
+        """Fails the requests the runner reports failed, advances positions, saves finished prompts to the
+        prefix tiers, turns sampled tokens into frame items and finishes requests."""
+        items: list[FrameItem] = []
+        errors: list[tuple[str, int, str, str]] = []
+        stats = self.stats
+        stats.steps_total += 1
+        stats.decode_failures_total += output.decode_failures
+        planned = self._planned
+        for seq_id, failure in output.failures.items():
+            request = planned[seq_id].request
+            if self.running.get(request.submit.rid) is request:
+                errors.append((request.submit.rid, failure.status, failure.kind, failure.message))
+                stats.requests_failed_total += 1
+                self._release(request, keep_kv=False)
+        sampled = output.sampled
+        for work in plan.work:
+            seq = planned[work.seq_id]
+            request = seq.request
+            if seq.finished:  # failed this step (or a bug): nothing to advance
+                continue
+            seq.n_past = work.position + len(work.tokens)
+            if work.copy_to:
+                for sibling in request.sequences[1:]:
+                    sibling.n_past = seq.n_past
+            if work.position < len(request.prompt) and seq.n_past == len(request.prompt):
+                for tier in self.tiers:  # the slot holds exactly the prompt right now
+                    tier.save(seq.seq_id, request.prompt_list)
+            for task in work.samples:
+                result = sampled.get(task.seq_id)
+                if result is not None:
+                    self._accept(planned[task.seq_id], result, items)
         self._refresh_stats()
         return StepResult(items, errors)
 
-    def _after_decode(
-        self,
-        decoding: list[Sequence],
-        chunks: list[tuple[ActiveRequest, int, int]],
-        items: list[FrameItem],
-        errors: list[tuple[str, int, str, str]],
-        skip: set[str] | None = None,
-        only: ActiveRequest | None = None,
-    ) -> None:
-        """Advances positions and samples every sequence whose rows were just decoded."""
-        skip = skip or set()
-        for seq in decoding:
-            if seq.request.submit.rid in skip or (only is not None and seq.request is not only):
-                continue
-            seq.n_past += 1
-            self._sample(seq, seq.row, items, errors)
-        for request, take, row in chunks:
-            if request.submit.rid in skip or (only is not None and request is not only):
-                continue
-            request.leader.n_past += take
-            if row < 0:
-                continue
-            for tier in self.tiers:  # the slot holds exactly the prompt right now
-                tier.save(request.leader.seq_id, request.prompt_list)
-            for sibling in request.sequences[1:]:
-                self.engine.seq_cp(request.leader.seq_id, sibling.seq_id)
-                sibling.n_past = request.leader.n_past
-            for seq in request.sequences:
-                self._sample(seq, row, items, errors)
-
-    def _decode(
-        self,
-        decoding: list[Sequence],
-        chunks: list[tuple[ActiveRequest, int, int]],
-        items: list[FrameItem],
-        errors: list[tuple[str, int, str, str]],
-    ) -> set[str]:
-        """Runs the step's decode. On failure, undoes the batch and decodes request by request, so one
-        bad request fails alone; returns the ids already handled (failed, or sampled in the retry)."""
-        batch_rids = {s.request.submit.rid for s in decoding} | {r.submit.rid for r, _, _ in chunks}
-        injected = {rid for rid in batch_rids if self.faults.triggered("decode", rid)}
-        status = 1 if injected else self.engine.decode(self.engine.batch.size)
-        if status == 0:
-            return set()
-        self.stats.decode_failures_total += 1
-        log.warning("llama_decode failed (status %d) for a batch of %d requests", status, len(batch_rids))
-        for rid in batch_rids:
-            for seq in self.running[rid].sequences:
-                if not seq.finished:
-                    self.engine.seq_rm(seq.seq_id, seq.n_past, -1)
-        for rid in batch_rids:
-            request = self.running[rid]
-            if rid not in injected and self._decode_alone(request, decoding, chunks):
-                self._after_decode(decoding, chunks, items, errors, only=request)
-                continue
-            errors.append((rid, 500, "server_error", f"llama_decode failed (status {status})"))
-            self.stats.requests_failed_total += 1
-            self._release(request, keep_kv=False)
-        return batch_rids
-
-    def _decode_alone(
-        self,
-        request: ActiveRequest,
-        decoding: list[Sequence],
-        chunks: list[tuple[ActiveRequest, int, int]],
-    ) -> bool:
-        """Re-decodes one request's rows (rewriting the rows it samples from)."""
-        batch = self.engine.batch
-        batch.clear()
-        for seq in decoding:
-            if seq.request is request:
-                seq.row = batch.add_token(seq.last_token, seq.n_past, seq.seq_id, True)
-        for index, (chunk_request, take, row) in enumerate(chunks):
-            if chunk_request is request:
-                leader = request.leader
-                new_row = batch.add_chunk(
-                    request.prompt[leader.n_past : leader.n_past + take],
-                    leader.n_past,
-                    leader.seq_id,
-                    row >= 0,
-                )
-                chunks[index] = (chunk_request, take, new_row if row >= 0 else -1)
-        if self.engine.decode(batch.size) == 0:
-            return True
-        for seq in request.sequences:
-            self.engine.seq_rm(seq.seq_id, seq.n_past, -1)
-        return False
-
-    def _sample(
-        self,
-        seq: Sequence,
-        row: int,
-        items: list[FrameItem],
-        errors: list[tuple[str, int, str, str]],
-    ) -> None:
+    def _accept(self, seq: Sequence, result: SeqResult, items: list[FrameItem]) -> None:
+        """Appends a sequence's sampled tokens, up to a stop token or its length limit."""
         request = seq.request
         submit = request.submit
-        if seq.finished:  # a sibling's failure ended the whole request this step
+        if seq.finished:
             return
-        try:
-            self.faults.bug("sample", submit.rid)
-            token = seq.sampler.sample(self.engine.ctx, row)
-        except Exception as error:  # one request's sampler bug must not take the worker down
-            log.exception("sampling for request %s failed", submit.rid)
-            errors.append((submit.rid, 500, "server_error", f"internal error while sampling: {error}"))
-            self.stats.requests_failed_total += 1
-            self._release(request, keep_kv=False)
-            return
-        seq.generated += 1
-        self.stats.generated_tokens_total += 1
         finish: str | None = None
         tokens: list[int] = []
-        logprobs: list[TokenLogprob] | None = None
-        if token in request.stop_ids:
-            finish = FINISH_STOP
-        else:
-            tokens = [token]
+        logprobs: list[TokenLogprob] | None = [] if submit.logprobs is not None else None
+        for index, token in enumerate(result.tokens):
+            seq.generated += 1
+            self.stats.generated_tokens_total += 1
+            if token in request.stop_ids:
+                finish = FINISH_STOP
+                break
+            tokens.append(token)
             seq.last_token = token
             seq.tokens.append(token)
-            if submit.logprobs is not None:
-                logprobs = [token_logprob(self.engine.logits_row(row), token, submit.logprobs)]
-            if seq.generated >= submit.max_tokens or seq.n_past + 1 >= self.n_ctx_seq:
+            if logprobs is not None and result.logprobs is not None:
+                logprobs.append(result.logprobs[index])
+            if seq.generated >= submit.max_tokens or seq.n_past + len(tokens) >= self.n_ctx_seq:
                 finish = FINISH_LENGTH
+                break
         usage = None
         if finish is not None:
             self._finish_sequence(seq)
@@ -493,7 +443,7 @@ class Scheduler:
                     "cached_tokens": request.cached_tokens,
                 }
                 self._release(request)
-        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs, finish, usage))
+        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, usage))
 
     def _refresh_stats(self) -> None:
         stats = self.stats

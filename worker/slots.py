@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.radix import RadixTree
-from worker.engine import LlamaEngine
+from worker.step import KVMemory
 
 # Reusing fewer tokens than this is not worth a copy, nor giving up another cached entry for.
 MIN_REUSE_TOKENS = 16
@@ -64,19 +64,20 @@ class SlotStats:
 
 
 class SlotTable:
-    def __init__(self, engine: LlamaEngine, enabled: bool = True) -> None:
-        self.engine = engine
+    def __init__(
+        self, memory: KVMemory, n_seq_max: int, recurrent: bool, unified: bool, enabled: bool = True
+    ) -> None:
+        self.memory = memory
         self.enabled = enabled
-        info = engine.info
         # A heap: new sequences take the lowest free id, which keeps running ids close together (with
         # per-sequence KV streams llama.cpp puts only consecutive ids in one ubatch).
-        self.free: list[int] = list(range(info.n_seq_max))
+        self.free: list[int] = list(range(n_seq_max))
         self.cached: OrderedDict[int, int] = OrderedDict()  # slot -> cells, least recently used first
         self.running: dict[int, KVHolder] = {}
         self.tree = RadixTree()
-        self.can_truncate = not info.recurrent
-        self.can_copy = not info.recurrent
-        self.unified = engine.options.kv_unified
+        self.can_truncate = not recurrent
+        self.can_copy = not recurrent
+        self.unified = unified
         self.stats = SlotStats()
 
     # -- accounting ---------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class SlotTable:
 
     def _complete_from_start(self, slot: int) -> bool:
         """False when llama.cpp dropped the oldest cells (sliding window without swa_full)."""
-        return bool(self.engine.seq_pos_min(slot) <= 0)
+        return bool(self.memory.seq_pos_min(slot) <= 0)
 
     # -- allocation -----------------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class SlotTable:
     def _evict(self, slot: int) -> None:
         self.cached.pop(slot)
         self.tree.remove(slot)
-        self.engine.seq_rm(slot)
+        self.memory.seq_rm(slot)
         heapq.heappush(self.free, slot)
         self.stats.evictions += 1
 
@@ -155,10 +156,10 @@ class SlotTable:
             self.cached.pop(slot)
             registered = len(self.tree.tokens_of(slot))
             if plan.length < registered:
-                self.engine.seq_rm(slot, plan.length, -1)
+                self.memory.seq_rm(slot, plan.length, -1)
         else:
             slot = heapq.heappop(self.free)
-            self.engine.seq_rm(slot)
+            self.memory.seq_rm(slot)
             if plan.length:
                 self._copy_prefix(plan.source, slot, plan.length)
         if plan.length:
@@ -171,15 +172,15 @@ class SlotTable:
 
     def _copy_prefix(self, source: int, slot: int, length: int) -> None:
         if self.unified:  # cells are shared, nothing is copied
-            self.engine.seq_cp(source, slot, 0, length)
+            self.memory.seq_cp(source, slot, 0, length)
             return
         # Separate streams: llama.cpp copies whole streams only; copy, then cut back to the prefix.
-        self.engine.seq_cp(source, slot, -1, -1)
-        self.engine.seq_rm(slot, length, -1)
+        self.memory.seq_cp(source, slot, -1, -1)
+        self.memory.seq_rm(slot, length, -1)
 
     def acquire_empty(self, holder: KVHolder) -> int:
         slot = heapq.heappop(self.free)
-        self.engine.seq_rm(slot)
+        self.memory.seq_rm(slot)
         self.running[slot] = holder
         return slot
 
@@ -191,5 +192,5 @@ class SlotTable:
             self.cached[slot] = len(kv_tokens)
             return
         self.tree.remove(slot)
-        self.engine.seq_rm(slot)
+        self.memory.seq_rm(slot)
         heapq.heappush(self.free, slot)

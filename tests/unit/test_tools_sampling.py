@@ -104,8 +104,12 @@ def test_lazy_grammar_is_free_until_triggered(decoder: Decoder) -> None:
     chain = SamplerChain(vocab_ptr, decoder.vocab.n_vocab, params, lazy, grammar_triggers=["(ab)"])
     assert not chain.constrained
     piece = {decoder.vocab.piece(t): t for t in range(decoder.vocab.n_vocab)}
-    for char in "xyab":  # free text, then the trigger
-        chain.accept(piece[char.encode()])
+    grammar = chain._grammar
+    assert grammar is not None
+    for (
+        char
+    ) in "xyab":  # free text, then the trigger (greedy without penalties: only the grammar keeps state)
+        grammar.accept(piece[char.encode()])
     assert chain.constrained
     tokens = decoder.run("hello", lambda: chain.sample(decoder.ctx, -1), steps=4)
     chain.close()
