@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from router.completions import create_completion
 from router.embeddings import EmbeddingRequest, check_generation, create_embeddings
 from router.errors import APIError, install_error_handlers, retry_headers
 from router.limits import BodySizeLimit
-from router.metrics import route_label
+from router.metrics import RequestMetrics
 from router.responses import ResponsesRequest
 from router.responses_stream import create_response
 from router.responses_ws import serve_responses_websocket
@@ -73,19 +72,7 @@ def create_app(
             allow_headers=["*"],
         )
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.monotonic()
-        state.metrics.in_flight.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            state.metrics.in_flight.dec()
-        endpoint = route_label(request)
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint.startswith("/v1/"):
-            state.metrics.e2e.labels(endpoint).observe(time.monotonic() - started)
-        return response
+    app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost: counts every answer
 
     @app.get("/healthz", responses=docs.HEALTH)
     async def healthz() -> Response:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.dispatch import WorkerFailure
@@ -38,6 +38,13 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer; the request was cancelled and nobody reads the reply."""
+
+
+# Status of the reply to a client that went away (nginx's "client closed request"); uvicorn drops it.
+CLIENT_CLOSED_STATUS = 499
 
 # Seconds a client should wait before retrying: a full queue drains in about a second; a worker that died
 # is restarted by the supervisor within a few.
@@ -87,6 +94,10 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, error: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)

@@ -8,6 +8,7 @@ are labelled by the route template they matched (`/v1/chat/completions`), every 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from router.dispatch import Dispatcher
@@ -185,3 +187,44 @@ def route_label(request: Request) -> str:
         if match != Match.NONE:
             return str(getattr(candidate, "path", UNMATCHED))
     return UNMATCHED
+
+
+# Status recorded for a request that ended without any response (its client went away).
+CLIENT_CLOSED = "499"
+
+
+class RequestMetrics:
+    """Pure ASGI middleware counting HTTP requests by route template and status, with their latency.
+
+    Not a BaseHTTPMiddleware: that one raises "No response returned" (and logs a traceback) whenever a
+    client disconnects before its answer, which cancels the handler by design here."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status: str | None = None
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, record_status)
+        except BaseException:
+            status = status or "500"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint = route_label(Request(scope))
+            self.metrics.requests.labels(endpoint, status or CLIENT_CLOSED).inc()
+            if endpoint.startswith("/v1/"):
+                self.metrics.e2e.labels(endpoint).observe(time.monotonic() - started)

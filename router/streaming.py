@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from router.dispatch import WorkerFailure
-from router.errors import worker_failure_body
+from router.errors import ClientDisconnected, worker_failure_body
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnected
     finally:
         for pending in (task, watch):
             if not pending.done():

@@ -195,3 +195,16 @@ def test_disconnect_from_a_response_while_decoding(server: Server, stream: bool)
     )
     assert metric(server, "llamafleet_worker_running_sequences") == 1, "the response already ended"
     hang_up(server, sock, f"decoding /v1/responses stream={stream}")
+
+
+def test_disconnects_leave_no_traceback_and_count_as_499(server: Server) -> None:
+    """Runs last in the module: every disconnect above was a normal event, not an error in the log, and
+    the abandoned non-streaming answers are counted as 499 (client closed) rather than 500."""
+    log = server.log()
+    assert "Traceback" not in log, log[log.find("Traceback") - 200 :][:3000]
+    closed = sum(
+        value
+        for name, value in server.metrics().items()
+        if name.startswith("llamafleet_requests_total") and 'status="499"' in name
+    )
+    assert closed >= 1
