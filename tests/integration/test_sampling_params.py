@@ -114,17 +114,19 @@ def server(tiny_llama_gguf: Path) -> Iterator[Server]:
         yield running
 
 
-def _completion(http: httpx.Client, fields: dict[str, Any], stream: bool) -> list[str]:
-    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **fields, "stream": stream}
-    if not stream:
-        response = http.post("/v1/completions", json=body)
+def _generate(http: httpx.Client, path: str, body: dict[str, Any]) -> list[str]:
+    """Texts of every choice, by index: from the answer, or joined from the stream's chunks."""
+    chat = path.endswith("chat/completions")
+    if not body["stream"]:
+        response = http.post(path, json=body)
         assert response.status_code == 200, response.text
         payload = response.json()
         assert payload["usage"]["completion_tokens"] >= 1
-        return [c["text"] for c in sorted(payload["choices"], key=lambda c: c["index"])]
+        choices = sorted(payload["choices"], key=lambda c: c["index"])
+        return [(c["message"]["content"] or "") if chat else c["text"] for c in choices]
     texts: dict[int, str] = {}
     finished: set[int] = set()
-    with http.stream("POST", "/v1/completions", json=body) as response:
+    with http.stream("POST", path, json=body) as response:
         assert response.status_code == 200, response.read()
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -132,36 +134,22 @@ def _completion(http: httpx.Client, fields: dict[str, Any], stream: bool) -> lis
         chunk = json.loads(event)
         assert "error" not in chunk, chunk
         for choice in chunk["choices"]:
-            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            piece = (choice["delta"].get("content") or "") if chat else choice["text"]
+            texts[choice["index"]] = texts.get(choice["index"], "") + piece
             if choice.get("finish_reason"):
                 finished.add(choice["index"])
     assert finished == set(texts)
     return [texts[i] for i in sorted(texts)]
+
+
+def _completion(http: httpx.Client, fields: dict[str, Any], stream: bool) -> list[str]:
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **fields, "stream": stream}
+    return _generate(http, "/v1/completions", body)
 
 
 def _chat(http: httpx.Client, fields: dict[str, Any], stream: bool) -> list[str]:
     body = {"messages": CHAT, "max_tokens": 12, "temperature": 0, **fields, "stream": stream}
-    if not stream:
-        response = http.post("/v1/chat/completions", json=body)
-        assert response.status_code == 200, response.text
-        payload = response.json()
-        assert payload["usage"]["completion_tokens"] >= 1
-        return [c["message"]["content"] or "" for c in sorted(payload["choices"], key=lambda c: c["index"])]
-    texts: dict[int, str] = {}
-    finished: set[int] = set()
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, response.read()
-        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    for event in events[:-1]:
-        chunk = json.loads(event)
-        assert "error" not in chunk, chunk
-        for choice in chunk["choices"]:
-            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
-            if choice.get("finish_reason"):
-                finished.add(choice["index"])
-    assert finished == set(texts)
-    return [texts[i] for i in sorted(texts)]
+    return _generate(http, "/v1/chat/completions", body)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

@@ -42,6 +42,18 @@ def read_stream_until_end(server: Server, body: dict, started: threading.Event) 
     return lines
 
 
+def start_long_stream(server: Server) -> tuple[threading.Thread, list[str]]:
+    """A long chat stream read on a thread; returns once its first event arrived (it is running)."""
+    started = threading.Event()
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(read_stream_until_end(server, {**LONG_CHAT, "stream": True}, started))
+    )
+    reader.start()
+    assert started.wait(30)
+    return reader, lines
+
+
 def last_event(lines: list[str]) -> dict:
     """The stream's last JSON event (an error event is followed by [DONE], as OpenAI's streams end)."""
     events = [line for line in lines if line != "[DONE]"]
@@ -51,13 +63,7 @@ def last_event(lines: list[str]) -> dict:
 def test_hung_worker_is_killed_and_replaced(tiny_llama_gguf: Path) -> None:
     with run_server(model_config(tiny_llama_gguf, n_ctx=32768)) as server:
         (worker_pid,) = server.workers()
-        started = threading.Event()
-        lines: list[str] = []
-        reader = threading.Thread(
-            target=lambda: lines.extend(read_stream_until_end(server, {**LONG_CHAT, "stream": True}, started))
-        )
-        reader.start()
-        assert started.wait(30)
+        reader, lines = start_long_stream(server)
         stopped_at = time.monotonic()
         os.kill(worker_pid, signal.SIGSTOP)
         try:
@@ -74,6 +80,9 @@ def test_hung_worker_is_killed_and_replaced(tiny_llama_gguf: Path) -> None:
             with server.http() as http:
                 reply = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
             assert reply.status_code == 200, reply.text
+            print(
+                f"hung worker replaced, first request served {time.monotonic() - stopped_at:.2f}s after SIGSTOP"
+            )
         finally:
             if pid_alive(worker_pid):
                 os.kill(worker_pid, signal.SIGCONT)
@@ -100,10 +109,12 @@ def test_dead_router_is_restarted_and_workers_keep_their_cache(tiny_llama_gguf: 
         reader = threading.Thread(target=doomed_stream)
         reader.start()
         assert started.wait(30)
+        killed_at = time.monotonic()
         os.kill(router_pid, signal.SIGKILL)
         reader.join(30)
         wait_until(lambda: server.router_pid() not in (None, router_pid), 30, "a new router")
         server.wait_healthy(60)
+        print(f"router killed: serving again after {time.monotonic() - killed_at:.2f}s")
         assert server.workers() == [worker_pid], "the worker must survive a router restart"
         with server.http() as http:
             again = http.post("/v1/completions", json=body)
@@ -198,13 +209,7 @@ def test_streams_cut_by_the_drain_timeout_end_with_an_error_event(
     with run_server(
         model_config(tiny_llama_gguf, n_ctx=32768), server={"drain_timeout_seconds": drain_seconds}
     ) as server:
-        started = threading.Event()
-        lines: list[str] = []
-        reader = threading.Thread(
-            target=lambda: lines.extend(read_stream_until_end(server, {**LONG_CHAT, "stream": True}, started))
-        )
-        reader.start()
-        assert started.wait(30)
+        reader, lines = start_long_stream(server)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         reader.join(30)
