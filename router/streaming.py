@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -87,7 +87,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+async def close_iterator(iterator: AsyncIterable[Any]) -> None:
     close = getattr(iterator, "aclose", None)
     if close is not None:
         await close()
