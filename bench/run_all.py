@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead
+from bench import embeddings, prefix, serving, step_overhead, wire
 
 
 def main() -> None:
@@ -12,6 +12,8 @@ def main() -> None:
     prefix.main([])
     print("\n== host overhead per engine step ==")
     step_overhead.main([])
+    print("\n== wire format: frames messages ==")
+    wire.main([])
     print("\n== embeddings ==")
     embeddings.main([])
 

@@ -28,6 +28,7 @@ BARS_MS = {16: 1.0, 64: 3.0}
 def measure(engine: LlamaEngine, n_seqs: int, steps: int) -> tuple[float, float]:
     """Median ms per step outside llama_decode, and median ms inside it."""
     sched = build_scheduler(engine)
+    codec = protocol.worker_codec()
     decode_s = 0.0
     real_decode = engine.decode
 
@@ -59,7 +60,7 @@ def measure(engine: LlamaEngine, n_seqs: int, steps: int) -> tuple[float, float]
             decode_s = 0.0
             started = time.perf_counter()
             result = sched.step()
-            protocol.encode(protocol.frames_message(0, result.items))
+            codec.encode(protocol.Frames(result.items))
             total = time.perf_counter() - started
             assert len(result.items) == n_seqs, "every sequence produces a token each step"
             outside.append((total - decode_s) * 1e3)

@@ -27,7 +27,7 @@ class Admission:
 
     def _largest_budget(self) -> int | None:
         """The budget with every known worker up; None before any worker said what it holds."""
-        known = [w for w in self.dispatcher.workers.values() if w.info]
+        known = [w for w in self.dispatcher.workers.values() if w.info is not None]
         if not known:
             return None
         return sum(w.slots for w in known) + self.max_queued

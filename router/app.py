@@ -94,8 +94,8 @@ def create_app(
             "created": state.created,
             "owned_by": "llamafleet",
         }
-        if info:
-            card["meta"] = {"n_ctx": info.get("n_ctx_seq"), "n_vocab": info.get("n_vocab")}
+        if info is not None:
+            card["meta"] = {"n_ctx": info.n_ctx_seq, "n_vocab": info.n_vocab}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", responses=docs.COMPLETIONS)

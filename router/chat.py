@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from router.chat_output import ChoiceOutput
 from router.chat_prepare import ChatPlan, chat_generation, template_messages
 from router.generation import ChoiceDelta, Generation
 from router.schemas import ChatCompletionRequest
 from router.state import ServerState
-from router.streaming import openai_object, run_unless_disconnected, sse_with_errors
+from router.streaming import EventStream, openai_object, run_unless_disconnected, sse_with_errors
 
 
 def _token_logprobs(state: ServerState, delta: ChoiceDelta) -> list[dict[str, Any]]:
@@ -66,10 +66,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     created = int(time.time())
     outputs = [plan.outputs() for _ in range(body.n)]
     if body.stream:
-        return StreamingResponse(
-            sse_with_errors(_stream(state, body, generation, outputs, completion_id, created)),
-            media_type="text/event-stream",
-        )
+        return EventStream(sse_with_errors(_stream(state, body, generation, outputs, completion_id, created)))
     return await run_unless_disconnected(
         http, lambda: _collect(state, body, generation, outputs, completion_id, created)
     )

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from router.errors import APIError
 from router.generation import ChoiceDelta, Generation
 from router.schemas import CompletionRequest
 from router.state import ServerState, make_submit
-from router.streaming import openai_object, run_unless_disconnected, sse_with_errors
+from router.streaming import EventStream, openai_object, run_unless_disconnected, sse_with_errors
 from router.structured import structured_grammar
 from shared.protocol import SubmitRequest
 
@@ -95,10 +95,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http: R
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(
-            sse_with_errors(_stream(state, body, generation, completion_id, created)),
-            media_type="text/event-stream",
-        )
+        return EventStream(sse_with_errors(_stream(state, body, generation, completion_id, created)))
     return await run_unless_disconnected(
         http, lambda: _collect(state, body, generation, completion_id, created)
     )

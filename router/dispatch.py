@@ -28,7 +28,22 @@ from router.zap import start_authenticator
 from shared import curve, protocol
 from shared.config import Config
 from shared.ipc import IpcSockets
-from shared.protocol import EmbeddingsReply, EmbedRequest, FrameItem, SubmitRequest
+from shared.protocol import (
+    Cancel,
+    EmbeddingsReply,
+    EmbedRequest,
+    Error,
+    FrameItem,
+    Frames,
+    Hello,
+    Ready,
+    RouterMessage,
+    Stats,
+    SubmitRequest,
+    WorkerInfo,
+    WorkerMessage,
+    WorkerStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +62,10 @@ class WorkerFailure(Exception):
 class WorkerState:
     index: int
     pid: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
+    info: WorkerInfo | None = None  # from its `ready`
     up: bool = False
     last_seen: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: WorkerStats = field(default_factory=WorkerStats)  # from its last heartbeat
     in_flight: set[str] = field(default_factory=set)
 
     @property
@@ -59,7 +74,7 @@ class WorkerState:
 
     @property
     def slots(self) -> int:
-        return int(self.info.get("n_seq_max", 1))
+        return self.info.n_seq_max if self.info is not None else 1
 
 
 class RequestStream:
@@ -92,6 +107,7 @@ class Dispatcher:
         self._requests: zmq.asyncio.Socket | None = None
         self._results: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._codec = protocol.router_codec()
         self.ready_event = asyncio.Event()
         self.router = PrefixRouter(enabled=config.workers.routing == "prefix")
         # Set by a supervisor link: a worker became ready; a worker stopped answering (index, pid).
@@ -153,11 +169,11 @@ class Dispatcher:
         # list() copies in one step: request preparation reads this from pool threads (offload.py).
         return [w for w in list(self.workers.values()) if w.up]
 
-    def model_info(self) -> dict[str, Any]:
-        """The `info` of any ready worker (they all serve the same model)."""
+    def model_info(self) -> WorkerInfo | None:
+        """The `info` of any ready worker (they all serve the same model); None while none is ready."""
         for worker in self.up_workers():
             return worker.info
-        return {}
+        return None
 
     async def wait_ready(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -205,7 +221,7 @@ class Dispatcher:
 
     def capacity(self) -> int:
         """Sequences the ready workers can run at once."""
-        return sum(int(w.info.get("n_seq_max", 1)) for w in self.up_workers())
+        return sum(w.slots for w in self.up_workers())
 
     def in_flight(self) -> int:
         return sum(len(w.in_flight) for w in self.workers.values())
@@ -230,13 +246,13 @@ class Dispatcher:
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
     ) -> RequestStream:
         worker = self.pick_worker(request.prompt)
-        return await self._dispatch(worker, request.rid, request.to_wire(), queue, request.n)
+        return await self._dispatch(worker, request.rid, request, queue, request.n)
 
     async def _dispatch(
         self,
         worker: WorkerState,
         rid: str,
-        message: dict[str, Any],
+        message: RouterMessage,
         queue: asyncio.Queue[Any] | None,
         sequences: int = 1,
     ) -> RequestStream:
@@ -255,7 +271,7 @@ class Dispatcher:
         worker = self.workers.get(stream.worker)
         if worker is not None and worker.up:
             with contextlib.suppress(zmq.ZMQError):
-                await self._send(stream.worker, {"t": protocol.CANCEL, "rid": stream.rid})
+                await self._send(stream.worker, Cancel(stream.rid))
 
     async def embed(self, request: EmbedRequest, sequences: int = 1) -> EmbeddingsReply:
         """Sends an embed request to the least-loaded worker and waits for its single reply.
@@ -268,7 +284,7 @@ class Dispatcher:
         answered = False
         try:
             worker = self.pick_worker()
-            stream = await self._dispatch(worker, request.rid, request.to_wire(), queue, sequences)
+            stream = await self._dispatch(worker, request.rid, request, queue, sequences)
             reply = await queue.get()
             answered = True
         finally:
@@ -294,10 +310,10 @@ class Dispatcher:
         if worker is not None:
             worker.in_flight.discard(rid)
 
-    async def _send(self, index: int, message: dict[str, Any]) -> None:
+    async def _send(self, index: int, message: RouterMessage) -> None:
         assert self._requests is not None
         try:
-            payload = protocol.encode(message)
+            payload = self._codec.encode(message)
         except (OverflowError, TypeError, ValueError) as error:  # e.g. an integer beyond 64 bits
             raise WorkerFailure(
                 400, "invalid_request_error", f"a request value is out of range: {error}"
@@ -313,61 +329,61 @@ class Dispatcher:
     async def _read_results(self) -> None:
         assert self._results is not None
         while True:
-            payload = await self._results.recv()
-            try:
-                message = protocol.decode(payload)
-                self._handle(message)
-            except Exception:  # one bad message must not stop the reader
-                log.exception("bad message from a worker")
+            self.receive(await self._results.recv())
 
     async def _read_hellos(self) -> None:
         """Workers announce `ready` on their DEALER: once it arrives here, the ROUTER can route to them."""
         assert self._requests is not None
         while True:
             _identity, payload = await self._requests.recv_multipart()
-            try:
-                self._handle(protocol.decode(payload))
-            except Exception:
-                log.exception("bad message from a worker")
+            self.receive(payload)
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["t"]
-        if kind == protocol.FRAMES:
-            for item in protocol.parse_frame_items(message):
+    def receive(self, payload: bytes) -> None:
+        """Handles one payload from a worker; a bad one (another version, unknown tag, mistyped fields) is
+        logged and dropped, and nothing it carries can stop the reader."""
+        try:
+            message = self._codec.decode(payload)
+        except protocol.ProtocolError as error:
+            log.error("dropping a bad message from a worker: %s", error)
+            return
+        try:
+            self._handle(message)
+        except Exception:  # a bug: one message must not stop the reader
+            log.exception("dropping a message that could not be handled: %.200r", message)
+
+    def _handle(self, message: WorkerMessage) -> None:
+        if isinstance(message, Frames):
+            for item in message.items:
                 stream = self.streams.get(item.rid)
                 if stream is not None:
                     stream.queue.put_nowait(item)
             return
-        if kind == protocol.EMBEDDINGS:
-            embed_stream = self.streams.get(message["rid"])
+        if isinstance(message, EmbeddingsReply):
+            embed_stream = self.streams.get(message.rid)
             if embed_stream is not None:
                 reply_queue: asyncio.Queue[Any] = embed_stream.queue  # see `embed`
-                reply_queue.put_nowait(EmbeddingsReply.from_wire(message))
+                reply_queue.put_nowait(message)
             return
-        if kind == protocol.ERROR:
-            stream = self.streams.get(message["rid"])
+        if isinstance(message, Error):
+            stream = self.streams.get(message.rid)
             if stream is not None:
-                stream.queue.put_nowait(
-                    WorkerFailure(int(message["status"]), message["type"], message["message"])
-                )
+                stream.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
             return
-        index = int(message["worker"])
-        worker = self.workers.setdefault(index, WorkerState(index))
+        worker = self.workers.setdefault(message.worker, WorkerState(message.worker))
         worker.last_seen = time.monotonic()
-        if kind == protocol.READY:
-            pid = int(message["pid"])
-            if not (worker.up and worker.pid == pid):
-                log.info("worker %d ready (pid %d)", index, pid)
-            worker.pid = pid
-            worker.info = message["info"]
+        if isinstance(message, Ready):
+            if not (worker.up and worker.pid == message.pid):
+                log.info("worker %d ready (pid %d)", worker.index, message.pid)
+            worker.pid = message.pid
+            worker.info = message.info
             worker.up = True
             self.ready_event.set()
             if self.on_ready is not None:
-                self.on_ready(index)
-        elif kind == protocol.STATS:
-            if worker.up and worker.pid and int(message.get("pid", worker.pid)) != worker.pid:
+                self.on_ready(worker.index)
+        elif isinstance(message, Stats):
+            if worker.up and worker.pid and message.pid != worker.pid:
                 return  # a late heartbeat from a previous process of this index
-            worker.stats = message
+            worker.stats = message.counters
 
     async def _watchdog(self) -> None:
         timeout = self.config.workers.heartbeat_timeout_seconds
@@ -389,6 +405,6 @@ class Dispatcher:
             return
         self._hello_sent[worker.index] = now
         assert self._requests is not None
-        payload = protocol.encode(protocol.hello_message(sorted(worker.in_flight)))
+        payload = self._codec.encode(Hello(sorted(worker.in_flight)))
         with contextlib.suppress(zmq.ZMQError):  # not connected (yet): the next beat tries again
             await self._requests.send_multipart([protocol.worker_identity(worker.index), payload])

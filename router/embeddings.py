@@ -46,7 +46,7 @@ def check_generation(state: ServerState, requested_model: str | None) -> None:
     """Completions and chat on an embedding-only model are a 400 (not a worker error after templating)."""
     state.check_model(requested_model)
     info = state.dispatcher.model_info()
-    if info.get("embedding"):
+    if info is not None and info.embedding:
         raise APIError(
             400,
             f"{state.model_name!r} is an embedding model; it serves /v1/embeddings only",
@@ -119,7 +119,7 @@ def _encode(vector: npt.NDArray[np.float32], encoding_format: str) -> Any:
 async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> Response:
     state.check_model(body.model)
     info = state.info()
-    limit = int(info.get("embed_max_tokens") or 0)
+    limit = info.embed.max_tokens
     if limit <= 0:
         raise APIError(
             400,
@@ -127,7 +127,7 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> Respo
             param="model",
             code="model_not_supported",
         )
-    dim = int(info.get("embed_dim") or 0)
+    dim = info.embed.dim
     if body.dimensions is not None and body.dimensions > dim:
         raise APIError(400, f"dimensions must be at most {dim} for this model", param="dimensions")
 
@@ -138,8 +138,8 @@ async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> Respo
 
     # Admission charges what the worker embeds at once: an input per sequence, at most n_seq_max.
     count = len(body.input) if isinstance(body.input, list) and not _is_token_list(body.input) else 1
-    sequences = max(1, min(count, int(info.get("n_seq_max", 1))))
-    normalize = body.normalize if body.normalize is not None else bool(info.get("embed_normalize", True))
+    sequences = max(1, min(count, info.n_seq_max))
+    normalize = body.normalize if body.normalize is not None else info.embed.normalize
     with state.admission.reserve(sequences, "input"):
         inputs = await state.preparer.run(tokenize)
     # No await before `embed` registers the request: from here its in-flight entry is what counts.

@@ -116,8 +116,8 @@ class Generation:
                         self.metrics.itl.labels(self.endpoint).observe(now - last_token_at)
                     last_token_at = now
                 delta = self._delta(choice, item)
-                if item.usage is not None:
-                    self.usage.cached_tokens += int(item.usage.get("cached_tokens", 0))
+                if item.cached_tokens is not None:
+                    self.usage.cached_tokens += item.cached_tokens
                 if delta.finish_reason is not None:
                     choice.finished = True
                     open_requests[item.rid] -= 1

@@ -122,9 +122,7 @@ class _WorkerCollector(Collector):
             up.add_metric(label, 1.0 if worker.up else 0.0)
             in_flight.add_metric(label, float(len(worker.in_flight)))
             for key, family in families.items():
-                value = worker.stats.get(key)
-                if isinstance(value, (int, float)):
-                    family.add_metric(label, float(value))
+                family.add_metric(label, float(getattr(worker.stats, key)))
         yield up
         yield in_flight
         yield from families.values()

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from router.dispatch import WorkerFailure
 from router.responses import PreparedResponse, ResponsesRequest, check_stateless, new_id, start_response
 from router.responses import usage_object as _usage_object
 from router.state import ServerState
-from router.streaming import run_unless_disconnected
+from router.streaming import EventStream, run_unless_disconnected
 from shared.protocol import FINISH_CANCELLED, FINISH_LENGTH
 
 Event = dict[str, Any]
@@ -312,5 +312,5 @@ async def create_response(state: ServerState, body: ResponsesRequest, http: Requ
     with state.admission.reserve(1, "input"):
         run = ResponseRun(state, await start_response(state, body, prefix))
     if body.stream:
-        return StreamingResponse(_sse(run), media_type="text/event-stream")
+        return EventStream(_sse(run))
     return JSONResponse(await run_unless_disconnected(http, run.collect))

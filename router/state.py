@@ -17,7 +17,7 @@ from router.structured import check_grammar_size
 from router.templating import ChatTemplate, TemplateError
 from shared.config import Config
 from shared.models import resolve_model_path
-from shared.protocol import SamplingParams, SubmitRequest
+from shared.protocol import SamplingParams, SubmitRequest, WorkerInfo
 from shared.vocab import TokenizerError, Vocab
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ class ServerState:
                 code="model_not_found",
             )
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         info = self.dispatcher.model_info()
-        if not info:
+        if info is None:
             raise APIError(503, "no worker is ready yet", "worker_unavailable", code="worker_unavailable")
         return info
 
@@ -113,11 +113,9 @@ class ServerState:
         A prompt plus an explicit max_tokens beyond the context is a 400 before anything is queued.
         """
         info = self.info()
-        n_ctx_seq = int(info["n_ctx_seq"])
-        if n > int(info["n_seq_max"]):
-            raise APIError(
-                400, f"n={n} exceeds the {info['n_seq_max']} sequences a worker can run", param="n"
-            )
+        n_ctx_seq = info.n_ctx_seq
+        if n > info.n_seq_max:
+            raise APIError(400, f"n={n} exceeds the {info.n_seq_max} sequences a worker can run", param="n")
         room = n_ctx_seq - prompt_tokens
         if room < 1:
             raise APIError(

@@ -1,8 +1,9 @@
 """Server-sent events and the two ways a handler consumes a Generation: as a stream or to completion.
 
-Both watch the client: a streaming response stops when starlette sees the disconnect; a non-streaming one
-waits for the ASGI `http.disconnect` message beside the generation, so an abandoned request frees its
-sequences within a step instead of generating to max_tokens for nobody.
+Both watch the client: a streaming response stops when starlette sees the disconnect (and closes its
+iterator at once: see `EventStream`); a non-streaming one waits for the ASGI `http.disconnect` message beside
+the generation, so an abandoned request frees its sequences within a step instead of generating to
+max_tokens for nobody.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from router.dispatch import WorkerFailure
 from router.errors import ClientDisconnected, worker_failure_body
@@ -55,6 +58,22 @@ async def sse_with_errors(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterato
     yield SSE_DONE
 
 
+class EventStream(StreamingResponse):
+    """A text/event-stream response that closes its iterator however the response ends.
+
+    On a client disconnect starlette stops iterating mid-stream (a cancelled task group, or an OSError from
+    `send`) and abandons the iterator: the generator's `finally`, which cancels the generation and frees
+    its sequences, would then run only when the garbage collector finalizes it, seconds later or more."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await close_iterator(self.body_iterator)
+
+
 async def _client_gone(request: Request) -> None:
     """Returns once the client has disconnected.
 
@@ -68,7 +87,7 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+async def close_iterator(iterator: AsyncIterable[Any]) -> None:
     close = getattr(iterator, "aclose", None)
     if close is not None:
         await close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import link
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Supervisor:
         self._fatal: str | None = None
         self._exit_code = 1
         self._link: asyncio.StreamWriter | None = None
+        self._link_codec = link.supervisor_end()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- processes -------------------------------------------------------------------------------
@@ -160,31 +161,30 @@ class Supervisor:
             return
         index = next(i for i, c in self.workers.items() if c is child)
         self.ready.discard(index)
-        await self._tell({"t": "worker_exited", "worker": index, "code": code})
+        await self._tell(link.WorkerExited(index, code))
 
     # -- the link to the router -----------------------------------------------------------------
 
-    async def _tell(self, message: dict[str, Any]) -> None:
-        link = self._link
-        if link is None:
+    async def _tell(self, message: link.ToRouter) -> None:
+        writer = self._link
+        if writer is None:
             return
         with contextlib.suppress(ConnectionError, OSError):
-            link.write(json.dumps(message).encode() + b"\n")
-            await link.drain()
+            writer.write(self._link_codec.encode(message))
+            await writer.drain()
 
     async def _read_link(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
-                message = json.loads(line)
-                kind, index = message["t"], int(message["worker"])
-            except (ValueError, KeyError, TypeError):
-                log.warning("bad message from the router: %r", line[:200])
+                message = self._link_codec.decode(line)
+            except link.LinkError as error:
+                log.warning("bad message from the router (%s): %r", error, line[:200])
                 continue
-            if kind == "worker_ready":
-                self.ready.add(index)
+            if isinstance(message, link.WorkerReady):
+                self.ready.add(message.worker)
                 self._ready_changed.set()
-            elif kind == "worker_unresponsive":
-                self._kill_hung(index, int(message.get("pid", 0)))
+            else:
+                self._kill_hung(message.worker, message.pid)
 
     def _kill_hung(self, index: int, pid: int) -> None:
         """A worker that stopped answering heartbeats: kill it (SIGKILL reaches a stopped process too);

@@ -2,19 +2,19 @@
 
 Under a supervisor the router learns of a worker's death from the process itself (at once) rather than from
 heartbeats that stop, and asks the supervisor to kill a worker that stopped answering so that it is replaced
-instead of left hanging. JSON lines both ways; the router runs on its own without a link too.
+instead of left hanging. Typed JSON lines both ways (shared/link.py); the router runs on its own without a
+link too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-from typing import Any
 
 from router.dispatch import Dispatcher
+from shared import link
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,12 @@ class SupervisorLink:
         self._dispatcher = dispatcher
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self._codec = link.router_end()
 
     async def start(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=self._fd))
-        self._dispatcher.on_ready = lambda index: self._send({"t": "worker_ready", "worker": index})
-        self._dispatcher.on_unresponsive = lambda index, pid: self._send(
-            {"t": "worker_unresponsive", "worker": index, "pid": pid}
-        )
+        self._dispatcher.on_ready = lambda index: self._send(link.WorkerReady(index))
+        self._dispatcher.on_unresponsive = lambda index, pid: self._send(link.WorkerUnresponsive(index, pid))
         self._task = asyncio.create_task(self._read(reader), name="supervisor-link")
 
     async def close(self) -> None:
@@ -42,18 +41,16 @@ class SupervisorLink:
         if self._writer is not None:
             self._writer.close()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: link.ToSupervisor) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(json.dumps(message).encode() + b"\n")
+            self._writer.write(self._codec.encode(message))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
-                message = json.loads(line)
-                if message["t"] == "worker_exited":
-                    self._dispatcher.mark_down(
-                        int(message["worker"]), f"exited with code {message.get('code')}"
-                    )
-            except (ValueError, KeyError, TypeError):
-                log.warning("bad message from the supervisor: %r", line[:200])
+                message = self._codec.decode(line)
+            except link.LinkError as error:
+                log.warning("bad message from the supervisor (%s): %r", error, line[:200])
+                continue
+            self._dispatcher.mark_down(message.worker, f"exited with code {message.code}")
         log.warning("the supervisor closed its link")

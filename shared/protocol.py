@@ -1,34 +1,26 @@
-"""The router <-> worker wire protocol: msgpack maps with a type tag and a protocol version.
+"""The router <-> worker wire protocol: typed msgspec Structs in a versioned msgpack envelope.
 
 Topology (as vLLM V1's): the router binds a ROUTER socket for requests and a PULL socket for results; each
 worker connects a DEALER (routing id `worker-N`) for requests and PUSH sockets for results and heartbeats.
-Results travel as one `frames` message per engine step holding every sequence that advanced; frame items are
-positional arrays (not maps) because they are the hot path.
+Results travel as one `frames` message per engine step holding every sequence that advanced.
+
+Every payload is the msgpack array `[PROTOCOL_VERSION, message]`, the message a map tagged by `t`. A `Codec`
+decodes the version first, then the message against the union of what its side may receive, so a payload
+of another version, an unknown tag, a missing, unknown or mistyped field is a `ProtocolError` that the
+receiver logs and drops; nothing mistyped reaches the engine. msgspec validates while it decodes and is
+3-4.6x faster than dataclasses + msgpack on a 64-item frames batch (bench/wire.py); frame items and their
+logprobs travel as positional arrays (`array_like`) because they are the hot path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Generic, TypeAlias, TypeVar
 
-import msgpack
+import msgspec
 
-PROTOCOL_VERSION = 1
-
-# Message type tags.
-SUBMIT = "submit"
-CANCEL = "cancel"
-EMBED = "embed"
-SHUTDOWN = "shutdown"
-# Router -> worker: "who are you?" from a router that does not know the worker as ready (just started, or
-# it marked the worker down). Carries the request ids the router still waits for on that worker; the
-# worker cancels every other request it holds (their clients are gone) and answers `ready`.
-HELLO = "hello"
-READY = "ready"
-FRAMES = "frames"
-ERROR = "error"
-STATS = "stats"
-EMBEDDINGS = "embeddings"
+# 2: msgspec Structs in a [version, message] envelope; dead fields gone (submit priority and
+# stop_token_ids, the frames' step, ready's model, the frame usage's token counts); `shutdown` removed.
+PROTOCOL_VERSION = 2
 
 # Finish reasons a worker reports.
 FINISH_STOP = "stop"
@@ -37,32 +29,26 @@ FINISH_CANCELLED = "cancelled"
 
 
 class ProtocolError(ValueError):
-    """A message that does not decode or carries another protocol version."""
+    """A message that does not decode, has an unknown tag or mistyped fields, or carries another version."""
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    message["v"] = PROTOCOL_VERSION
-    return bytes(msgpack.packb(message, use_bin_type=True))
-
-
-def decode(payload: bytes) -> dict[str, Any]:
-    try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as error:
-        raise ProtocolError(f"undecodable message: {error}") from error
-    if not isinstance(message, dict) or "t" not in message:
-        raise ProtocolError("message is not a tagged map")
-    if message.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {message.get('v')} != {PROTOCOL_VERSION}")
-    return message
+# A worker index, and the HTTP status of a worker's error (the router answers the client with it).
+WorkerIndex = Annotated[int, msgspec.Meta(ge=0)]
+HttpStatus = Annotated[int, msgspec.Meta(ge=400, le=599)]
 
 
 def worker_identity(index: int) -> bytes:
     return f"worker-{index}".encode()
 
 
-@dataclass
-class SamplingParams:
+class _Message(msgspec.Struct, tag_field="t", forbid_unknown_fields=True):
+    """Base of every message: a map tagged by `t` (the class's tag); unknown fields are an error."""
+
+
+# -- router -> worker -------------------------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     """What a worker's sampler chain needs; defaults are llama.cpp's neutral values."""
 
     temperature: float = 1.0
@@ -75,58 +61,134 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int | None = None
-    logit_bias: list[tuple[int, float]] = field(default_factory=list)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> SamplingParams:
-        params = cls(**data)
-        params.logit_bias = [(int(t), float(b)) for t, b in params.logit_bias]
-        return params
+    logit_bias: list[tuple[int, float]] = msgspec.field(default_factory=list)
 
 
-@dataclass
-class SubmitRequest:
+class SubmitRequest(_Message, tag="submit"):
     """A generation request: one prompt, `n` parallel choices sharing its KV."""
 
     rid: str
     prompt: list[int]
     max_tokens: int
     n: int = 1
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: list[int] = field(default_factory=list)
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     ignore_eos: bool = False
     # Top alternatives per token to return; None = no logprobs at all.
     logprobs: int | None = None
     grammar: str | None = None
     # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
     # see worker/sampling.py).
-    grammar_triggers: list[str] = field(default_factory=list)
-    priority: int = 0
-
-    def to_wire(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["t"] = SUBMIT
-        data["sampling"] = self.sampling.to_wire()
-        return data
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> SubmitRequest:
-        fields = {k: v for k, v in data.items() if k not in ("t", "v")}
-        fields["sampling"] = SamplingParams.from_wire(fields.get("sampling") or {})
-        return cls(**fields)
+    grammar_triggers: list[str] = msgspec.field(default_factory=list)
 
 
-class TokenLogprob(NamedTuple):
+class Cancel(_Message, tag="cancel"):
+    """The client of `rid` is gone: free its sequences (or drop its queued embed request)."""
+
+    rid: str
+
+
+class EmbedRequest(_Message, tag="embed"):
+    """Embeddings for several inputs, one llama.cpp sequence each; inputs already fit the worker's limit."""
+
+    rid: str
+    inputs: list[list[int]]
+    normalize: bool = True
+
+
+class Hello(_Message, tag="hello"):
+    """ "Who are you?" from a router that does not know the worker as ready (just started, or it marked the
+    worker down). Carries the request ids the router still waits for on that worker; the worker cancels
+    every other request it holds (their clients are gone) and answers `ready`."""
+
+    live: list[str]
+
+
+# -- worker -> router -------------------------------------------------------------------------------------
+
+
+class EmbedInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """A worker's embedding limits and default (max_tokens 0: this worker serves no embeddings)."""
+
+    max_tokens: int = 0
+    dim: int = 0
+    normalize: bool = True
+
+
+class WorkerInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """What the router needs to know about a worker's model (sent in `ready`)."""
+
+    n_ctx: int
+    n_ctx_seq: int
+    n_seq_max: int
+    n_batch: int
+    n_vocab: int
+    n_ctx_train: int
+    embedding: bool
+    pooling_type: int
+    swa: bool
+    recurrent: bool
+    can_shift: bool
+    description: str
+    embed: EmbedInfo = msgspec.field(default_factory=EmbedInfo)
+
+
+class Ready(_Message, tag="ready"):
+    """A worker's announcement, on its DEALER: once the router receives it there, it can route to it."""
+
+    worker: WorkerIndex
+    pid: int
+    info: WorkerInfo
+
+
+class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
+    """The counters a worker's engine keeps current and its heartbeats send (router/metrics.py exports)."""
+
+    running_sequences: int = 0
+    running_requests: int = 0
+    queued_requests: int = 0
+    kv_cells_used: int = 0
+    kv_cells_reserved: int = 0
+    kv_cells_total: int = 0
+    seq_ids_free: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    steps_total: int = 0
+    decode_failures_total: int = 0
+    requests_failed_total: int = 0
+    seq_ids_cached: int = 0
+    kv_cells_cached: int = 0
+    prefix_cache_lookups_total: int = 0
+    prefix_cache_hits_total: int = 0
+    prefix_cache_reused_tokens_total: int = 0
+    prefix_cache_evictions_total: int = 0
+    checkpoint_restores_total: int = 0
+    checkpoint_bytes: int = 0
+    disk_cache_lookups_total: int = 0
+    disk_cache_restores_total: int = 0
+    disk_cache_restored_tokens_total: int = 0
+    disk_cache_saves_total: int = 0
+    disk_cache_save_failures_total: int = 0
+    disk_cache_evictions_total: int = 0
+    disk_cache_corrupt_removed_total: int = 0
+    disk_cache_bytes: int = 0
+
+
+class Stats(_Message, tag="stats"):
+    """A heartbeat: the worker's process id (a late beat of a replaced process is ignored) and counters."""
+
+    worker: WorkerIndex
+    pid: int
+    counters: WorkerStats
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Log-probability of the chosen token and the top alternatives as (token id, logprob) pairs."""
 
     logprob: float
     top: list[tuple[int, float]]
 
 
-class FrameItem(NamedTuple):
+class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One sequence's progress in one engine step."""
 
     rid: str
@@ -134,65 +196,87 @@ class FrameItem(NamedTuple):
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finish: str | None
-    # Set on the finishing item: prompt_tokens, completion_tokens, cached_tokens.
-    usage: dict[str, int] | None
+    # Set on a request's last item only: its prompt tokens served from a prefix cache (the router counts
+    # prompt and completion tokens itself).
+    cached_tokens: int | None = None
 
 
-def frames_message(step: int, items: list[FrameItem]) -> dict[str, Any]:
-    return {"t": FRAMES, "step": step, "items": items}
+class Frames(_Message, tag="frames"):
+    """Every sequence that advanced in one engine step."""
+
+    items: list[FrameItem]
 
 
-def parse_frame_items(message: dict[str, Any]) -> list[FrameItem]:
-    items: list[FrameItem] = []
-    for rid, choice, tokens, logprobs, finish, usage in message["items"]:
-        parsed_lp = None
-        if logprobs is not None:
-            parsed_lp = [TokenLogprob(lp, [(int(t), float(p)) for t, p in top]) for lp, top in logprobs]
-        items.append(FrameItem(rid, choice, tokens, parsed_lp, finish, usage))
-    return items
-
-
-def hello_message(live: list[str]) -> dict[str, Any]:
-    return {"t": HELLO, "live": live}
-
-
-def error_message(rid: str, status: int, kind: str, message: str) -> dict[str, Any]:
+class Error(_Message, tag="error"):
     """A request failed in the worker; `status` is the HTTP status the router should answer with."""
-    return {"t": ERROR, "rid": rid, "status": status, "type": kind, "message": message}
-
-
-@dataclass
-class EmbedRequest:
-    """Embeddings for several inputs, one llama.cpp sequence each; inputs already fit the worker's limit."""
 
     rid: str
-    inputs: list[list[int]]
-    normalize: bool = True
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": EMBED, "rid": self.rid, "inputs": self.inputs, "normalize": self.normalize}
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> EmbedRequest:
-        return cls(data["rid"], [list(tokens) for tokens in data["inputs"]], bool(data["normalize"]))
+    status: HttpStatus
+    kind: str
+    message: str
 
 
-@dataclass
-class EmbeddingsReply:
+class EmbeddingsReply(_Message, tag="embeddings"):
     """A worker's answer to an EmbedRequest: little-endian float32 bytes per input, in input order."""
 
     rid: str
     vectors: list[bytes]
     token_counts: list[int]
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "t": EMBEDDINGS,
-            "rid": self.rid,
-            "vectors": self.vectors,
-            "token_counts": self.token_counts,
-        }
 
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> EmbeddingsReply:
-        return cls(data["rid"], list(data["vectors"]), [int(n) for n in data["token_counts"]])
+RouterMessage: TypeAlias = SubmitRequest | Cancel | EmbedRequest | Hello
+WorkerMessage: TypeAlias = Ready | Stats | Frames | Error | EmbeddingsReply
+Message: TypeAlias = RouterMessage | WorkerMessage
+
+M = TypeVar("M")
+
+
+class _Legacy(msgspec.Struct):
+    """Just enough of a version-1 message (a map with `v`) to say which version it was."""
+
+    v: Any = None
+
+
+class Codec(Generic[M]):
+    """One socket side's encoder and decoder, built once: encodes any message, decodes what this side
+    receives. Not shared between threads (the worker's heartbeat thread has its own)."""
+
+    def __init__(self, inbound: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._envelope = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
+        self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(inbound)
+
+    def encode(self, message: Message) -> bytes:
+        """The versioned payload of `message` (left untouched); OverflowError for an int beyond 64 bits."""
+        return self._encoder.encode((PROTOCOL_VERSION, message))
+
+    def decode(self, payload: bytes) -> M:
+        try:
+            version, body = self._envelope.decode(payload)
+        except msgspec.DecodeError as error:
+            raise ProtocolError(_envelope_problem(payload, error)) from error
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} != {PROTOCOL_VERSION}")
+        try:
+            return self._decoder.decode(body)
+        except msgspec.DecodeError as error:
+            raise ProtocolError(f"malformed message: {error}") from error
+
+
+def _envelope_problem(payload: bytes, error: Exception) -> str:
+    """Why a payload is no envelope; names the version of a version-1 peer (a map with `v`)."""
+    try:
+        legacy = msgspec.msgpack.decode(payload, type=_Legacy)
+    except msgspec.DecodeError:
+        return f"not a versioned message: {error}"
+    return f"protocol version {legacy.v} != {PROTOCOL_VERSION}"
+
+
+def router_codec() -> Codec[WorkerMessage]:
+    """The router's codec: decodes what workers send."""
+    return Codec(WorkerMessage)
+
+
+def worker_codec() -> Codec[RouterMessage]:
+    """A worker's codec: decodes what the router sends."""
+    return Codec(RouterMessage)

@@ -9,7 +9,7 @@ loaded into the request's fresh slot and the rest of the prompt is prefilled as 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.config import DiskCacheOptions
@@ -31,7 +31,7 @@ class DiskTier:
         self.engine = engine
         model = engine.options
         layout = {
-            **engine.info.to_wire(),
+            **asdict(engine.info),
             "type_k": model.type_k,
             "type_v": model.type_v,
             "swa_full": model.swa_full,

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from shared.config import ModelOptions, WorkerOverride
 from shared.convert_bert import NORMALIZE_KEY
-from shared.protocol import EmbeddingsReply, EmbedRequest, error_message
+from shared.protocol import EmbeddingsReply, EmbedInfo, EmbedRequest, Error
 from worker.batch import BatchBuffer
 from worker.engine import EngineLoadError, LlamaEngine, context_params
 
@@ -171,26 +171,26 @@ class EmbeddingService:
             return cls(None, normalize, n_vocab, "this model does not serve embeddings")
         return cls(runner, normalize, n_vocab, "")
 
-    def info(self) -> dict[str, Any]:
-        """Keys merged into the worker's `ready` info: the router's limits and defaults."""
+    def info(self) -> EmbedInfo:
+        """Part of the worker's `ready` info: the router's limits and default."""
         runner = self.runner
-        return {
-            "embed_max_tokens": runner.max_tokens if runner else 0,
-            "embed_dim": runner.n_embd if runner else 0,
-            "embed_normalize": self.normalize,
-        }
+        return EmbedInfo(
+            max_tokens=runner.max_tokens if runner else 0,
+            dim=runner.n_embd if runner else 0,
+            normalize=self.normalize,
+        )
 
     @property
     def pending(self) -> bool:
         return bool(self.queue)
 
-    def submit(self, request: EmbedRequest, draining: bool = False) -> dict[str, Any] | None:
+    def submit(self, request: EmbedRequest, draining: bool = False) -> Error | None:
         """Queues a request; returns an `error` message instead for one that cannot run."""
         if draining:
-            return error_message(request.rid, 503, "unavailable", "worker is draining")
+            return Error(request.rid, 503, "unavailable", "worker is draining")
         problem = self._check(request)
         if problem is not None:
-            return error_message(request.rid, 400, "invalid_request_error", problem)
+            return Error(request.rid, 400, "invalid_request_error", problem)
         self.queue.append(request)
         return None
 
@@ -220,7 +220,7 @@ class EmbeddingService:
         self.queue = kept
         return cancelled
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[EmbeddingsReply | Error]:
         """Embeds every queued request (packed together); returns their replies and errors."""
         requests, self.queue = self.queue, []
         if not requests or self.runner is None:
@@ -230,20 +230,20 @@ class EmbeddingService:
         except EmbeddingError:
             if len(requests) == 1:
                 log.exception("embedding request %s failed", requests[0].rid)
-                return [error_message(requests[0].rid, 500, "server_error", "embedding failed")]
+                return [Error(requests[0].rid, 500, "server_error", "embedding failed")]
         # One request broke the shared run: redo them one by one so only that one fails.
-        messages: list[dict[str, Any]] = []
+        messages: list[EmbeddingsReply | Error] = []
         for request in requests:
             try:
                 messages.extend(self._run_together([request]))
             except EmbeddingError as error:
                 log.error("embedding request %s failed: %s", request.rid, error)
-                messages.append(error_message(request.rid, 500, "server_error", "embedding failed"))
+                messages.append(Error(request.rid, 500, "server_error", "embedding failed"))
         return messages
 
-    def _run_together(self, requests: list[EmbedRequest]) -> list[dict[str, Any]]:
+    def _run_together(self, requests: list[EmbedRequest]) -> list[EmbeddingsReply | Error]:
         assert self.runner is not None
-        messages: list[dict[str, Any]] = []
+        messages: list[EmbeddingsReply | Error] = []
         for normalize in (True, False):
             group = [r for r in requests if r.normalize == normalize]
             if not group:
@@ -260,7 +260,7 @@ class EmbeddingService:
                     [v.astype("<f4", copy=False).tobytes() for v in chunk],
                     [len(ids) for ids in request.inputs],
                 )
-                messages.append(reply.to_wire())
+                messages.append(reply)
         return messages
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ class EngineLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What the router needs to know about a worker's model (sent in `ready`)."""
+    """What the router needs to know about a worker's model (sent in `ready` as protocol.WorkerInfo)."""
 
     n_ctx: int
     n_ctx_seq: int
@@ -44,9 +44,6 @@ class EngineInfo:
     recurrent: bool
     can_shift: bool
     description: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _kv_override_array(overrides: dict[str, bool | int | float | str]) -> Any:

@@ -37,10 +37,10 @@ _EMBED_ONLY = "this is an embedding model: it serves /v1/embeddings only"
 
 
 class Heartbeat(threading.Thread):
-    """Sends a stats snapshot every interval until stopped.
+    """Sends a stats heartbeat every interval until stopped.
 
-    `snapshot` runs on this thread: the engine loop only keeps its counters current, and they are
-    copied four times a second rather than after every step."""
+    The engine loop only keeps its counters current; this thread encodes them (holding the GIL, so one
+    consistent snapshot) four times a second rather than after every step. It has its own codec."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class Heartbeat(threading.Thread):
         endpoint: str,
         index: int,
         interval: float,
-        snapshot: Callable[[], dict[str, Any]],
+        counters: Callable[[], protocol.WorkerStats],
         keys: curve.WorkerKeys | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
@@ -60,18 +60,14 @@ class Heartbeat(threading.Thread):
         self._index = index
         self._interval = interval
         self._stop_event = threading.Event()
-        self._snapshot = snapshot
+        self._counters = counters
+        self._codec = protocol.worker_codec()
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
-            message = {
-                "t": protocol.STATS,
-                "worker": self._index,
-                "pid": os.getpid(),
-                **self._snapshot(),
-            }
+            beat = protocol.Stats(worker=self._index, pid=os.getpid(), counters=self._counters())
             with contextlib.suppress(zmq.Again):  # the router is gone or slow: skip this beat
-                self._socket.send(protocol.encode(message), zmq.NOBLOCK)
+                self._socket.send(self._codec.encode(beat), zmq.NOBLOCK)
         self._socket.close()
 
     def stop(self) -> None:
@@ -83,6 +79,7 @@ class WorkerProcess:
         self.config = config
         self.index = index
         self.stopping = False
+        self.codec = protocol.worker_codec()
         # CURVE keys (a config error if missing) and a private ipc folder, before any socket exists.
         keys = curve.load_worker_keys(config.workers.keys_dir, index) if config.workers.keys_dir else None
         check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
@@ -114,12 +111,12 @@ class WorkerProcess:
             config.results_endpoint(),
             index,
             config.workers.heartbeat_interval_seconds,
-            self._stats,
+            lambda: self.scheduler.stats,
             keys,
         )
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.results.send(protocol.encode(message))
+    def send(self, message: protocol.WorkerMessage) -> None:
+        self.results.send(self.codec.encode(message))
 
     def _warn_unsupported(self) -> None:
         """Seed config sections this version reads but does not act on yet: say so instead of ignoring."""
@@ -160,15 +157,8 @@ class WorkerProcess:
 
     def _ready_message(self) -> bytes:
         """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
-        return protocol.encode(
-            {
-                "t": protocol.READY,
-                "worker": self.index,
-                "pid": os.getpid(),
-                "model": self.config.model.served_name,
-                "info": {**self.engine.info.to_wire(), **self.embeddings.info()},
-            }
-        )
+        info = protocol.WorkerInfo(**asdict(self.engine.info), embed=self.embeddings.info())
+        return self.codec.encode(protocol.Ready(worker=self.index, pid=os.getpid(), info=info))
 
     def _announce_first(self) -> None:
         """Sends `ready` once the DEALER has a router to send to, staying stoppable meanwhile.
@@ -216,9 +206,9 @@ class WorkerProcess:
                 self.send(reply)
             result = self.scheduler.step()
             if result.items:
-                self.send(protocol.frames_message(self.scheduler.stats.steps_total, result.items))
-            for rid, status, kind, message in result.errors:
-                self.send(protocol.error_message(rid, status, kind, message))
+                self.send(protocol.Frames(result.items))
+            for error in result.errors:
+                self.send(error)
 
     def _drain(self) -> None:
         while True:
@@ -227,45 +217,37 @@ class WorkerProcess:
             except zmq.Again:
                 return
             try:
-                message = protocol.decode(payload)
-            except protocol.ProtocolError as error:
+                message = self.codec.decode(payload)
+            except protocol.ProtocolError as error:  # another version, unknown tag, mistyped fields
                 log.error("dropping a bad message: %s", error)
                 continue
             try:
                 self._handle(message)
-            except Exception:  # a malformed message (missing or mistyped fields) must not end the worker
+            except Exception:  # a bug must not end the worker (every field is typed by now)
                 log.exception("dropping a message that could not be handled: %.200r", message)
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["t"]
-        if kind == protocol.SUBMIT:
-            submit = protocol.SubmitRequest.from_wire(message)
+    def _handle(self, message: protocol.RouterMessage) -> None:
+        if isinstance(message, protocol.SubmitRequest):
+            rid = message.rid
             if self.stopping:
-                self.send(protocol.error_message(submit.rid, 503, "unavailable", "worker is draining"))
+                self.send(protocol.Error(rid, 503, "unavailable", "worker is draining"))
                 return
             if self.engine.embedding:
-                self.send(protocol.error_message(submit.rid, 400, "invalid_request_error", _EMBED_ONLY))
+                self.send(protocol.Error(rid, 400, "invalid_request_error", _EMBED_ONLY))
                 return
             try:
-                self.scheduler.submit(submit)
+                self.scheduler.submit(message)
             except RequestRejected as error:
-                self.send(protocol.error_message(submit.rid, error.status, error.kind, str(error)))
-        elif kind == protocol.EMBED:
-            refusal = self.embeddings.submit(protocol.EmbedRequest.from_wire(message), self.stopping)
+                self.send(protocol.Error(rid, error.status, error.kind, str(error)))
+        elif isinstance(message, protocol.EmbedRequest):
+            refusal = self.embeddings.submit(message, self.stopping)
             if refusal is not None:
                 self.send(refusal)
-        elif kind == protocol.CANCEL:
-            if not self.scheduler.cancel(message["rid"]):
-                self.embeddings.cancel(message["rid"])
-        elif kind == protocol.HELLO:
-            self._hello(set(message.get("live") or ()))
-        elif kind == protocol.SHUTDOWN:
-            self.stopping = True
+        elif isinstance(message, protocol.Cancel):
+            if not self.scheduler.cancel(message.rid):
+                self.embeddings.cancel(message.rid)
         else:
-            log.warning("unknown message type %r", kind)
-
-    def _stats(self) -> dict[str, Any]:
-        return asdict(self.scheduler.stats)
+            self._hello(set(message.live))
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         del signum, frame

@@ -23,9 +23,11 @@ import numpy.typing as npt
 from shared.protocol import (
     FINISH_LENGTH,
     FINISH_STOP,
+    Error,
     FrameItem,
     SubmitRequest,
     TokenLogprob,
+    WorkerStats,
 )
 from worker.faults import FaultInjector
 from worker.slots import ReusePlan, SlotTable
@@ -106,42 +108,10 @@ class ActiveRequest:
 
 
 @dataclass
-class SchedulerStats:
-    running_sequences: int = 0
-    running_requests: int = 0
-    queued_requests: int = 0
-    kv_cells_used: int = 0
-    kv_cells_reserved: int = 0
-    kv_cells_total: int = 0
-    seq_ids_free: int = 0
-    prompt_tokens_total: int = 0
-    generated_tokens_total: int = 0
-    steps_total: int = 0
-    decode_failures_total: int = 0
-    requests_failed_total: int = 0
-    seq_ids_cached: int = 0
-    kv_cells_cached: int = 0
-    prefix_cache_lookups_total: int = 0
-    prefix_cache_hits_total: int = 0
-    prefix_cache_reused_tokens_total: int = 0
-    prefix_cache_evictions_total: int = 0
-    checkpoint_restores_total: int = 0
-    checkpoint_bytes: int = 0
-    disk_cache_lookups_total: int = 0
-    disk_cache_restores_total: int = 0
-    disk_cache_restored_tokens_total: int = 0
-    disk_cache_saves_total: int = 0
-    disk_cache_save_failures_total: int = 0
-    disk_cache_evictions_total: int = 0
-    disk_cache_corrupt_removed_total: int = 0
-    disk_cache_bytes: int = 0
-
-
-@dataclass
 class StepResult:
     items: list[FrameItem]
-    # (rid, http status, error type, message) for requests that failed during the step.
-    errors: list[tuple[str, int, str, str]]
+    # Requests that failed during the step, with the HTTP status the router answers with.
+    errors: list[Error]
 
 
 class Scheduler:
@@ -173,7 +143,7 @@ class Scheduler:
         self.waiting: deque[ActiveRequest] = deque()
         self.running: dict[str, ActiveRequest] = {}
         self.reserved = 0
-        self.stats = SchedulerStats(kv_cells_total=self.kv_capacity)
+        self.stats = WorkerStats(kv_cells_total=self.kv_capacity)  # what heartbeats send
         self._eog = runner.eog_ids
         # Sequence id -> sequence for the plan being run: `commit()` takes the output of the last `plan()`.
         self._planned: dict[int, Sequence] = {}
@@ -244,7 +214,7 @@ class Scheduler:
 
     # -- admission and release ------------------------------------------------------------------
 
-    def _admit(self, errors: list[tuple[str, int, str, str]]) -> None:
+    def _admit(self, errors: list[Error]) -> None:
         while self.waiting:
             request = self.waiting[0]
             n = request.submit.n
@@ -266,12 +236,12 @@ class Scheduler:
             try:
                 self._start(request, plan)
             except SamplerInitError as error:
-                errors.append((request.submit.rid, 400, "invalid_request_error", str(error)))
+                errors.append(Error(request.submit.rid, 400, "invalid_request_error", str(error)))
                 self.stats.requests_failed_total += 1
             except Exception as error:  # a bug met by one request fails that request, not the worker
                 log.exception("starting request %s failed", request.submit.rid)
                 self._release(request, keep_kv=False)
-                errors.append((request.submit.rid, 500, "server_error", f"internal error: {error}"))
+                errors.append(Error(request.submit.rid, 500, "server_error", f"internal error: {error}"))
                 self.stats.requests_failed_total += 1
 
     def _start(self, request: ActiveRequest, plan: ReusePlan) -> None:
@@ -319,7 +289,7 @@ class Scheduler:
 
     def step(self) -> StepResult:
         """Admits what fits, then runs one step: `plan()`, the runner's `execute()`, `commit()`."""
-        errors: list[tuple[str, int, str, str]] = []
+        errors: list[Error] = []
         self._admit(errors)
         if not self.running:
             self._refresh_stats()
@@ -379,7 +349,7 @@ class Scheduler:
         """Fails the requests the runner reports failed, advances positions, saves finished prompts to the
         prefix tiers, turns sampled tokens into frame items and finishes requests."""
         items: list[FrameItem] = []
-        errors: list[tuple[str, int, str, str]] = []
+        errors: list[Error] = []
         stats = self.stats
         stats.steps_total += 1
         stats.decode_failures_total += output.decode_failures
@@ -387,7 +357,7 @@ class Scheduler:
         for seq_id, failure in output.failures.items():
             request = planned[seq_id].request
             if self.running.get(request.submit.rid) is request:
-                errors.append((request.submit.rid, failure.status, failure.kind, failure.message))
+                errors.append(Error(request.submit.rid, failure.status, failure.kind, failure.message))
                 stats.requests_failed_total += 1
                 self._release(request, keep_kv=False)
         sampled = output.sampled
@@ -433,17 +403,13 @@ class Scheduler:
             if seq.generated >= submit.max_tokens or seq.n_past + len(tokens) >= self.n_ctx_seq:
                 finish = FINISH_LENGTH
                 break
-        usage = None
+        cached_tokens = None  # set on the request's last item
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
-                usage = {
-                    "prompt_tokens": len(request.prompt),
-                    "completion_tokens": sum(s.generated for s in request.sequences),
-                    "cached_tokens": request.cached_tokens,
-                }
+                cached_tokens = request.cached_tokens
                 self._release(request)
-        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, usage))
+        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens))
 
     def _refresh_stats(self) -> None:
         stats = self.stats

@@ -139,7 +139,7 @@ class FakeRunner:
 class Run:
     tokens: dict[tuple[str, int], list[int]] = field(default_factory=lambda: defaultdict(list))
     finish: dict[tuple[str, int], str] = field(default_factory=dict)
-    usage: dict[str, dict[str, int]] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)  # from a request's last item: it finished
     errors: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     first_step: dict[str, int] = field(default_factory=dict)
     done_step: dict[str, int] = field(default_factory=dict)
@@ -149,17 +149,17 @@ class Run:
 def step(sched: Scheduler, run: Run) -> None:
     result = sched.step()
     run.steps += 1
-    for rid, status, kind, message in result.errors:
-        run.errors[rid] = (status, kind, message)
-        run.done_step[rid] = run.steps
+    for error in result.errors:
+        run.errors[error.rid] = (error.status, error.kind, error.message)
+        run.done_step[error.rid] = run.steps
     for item in result.items:
         key = (item.rid, item.choice)
         run.tokens[key] += item.token_ids
         run.first_step.setdefault(item.rid, run.steps)
         if item.finish is not None:
             run.finish[key] = item.finish
-        if item.usage is not None:
-            run.usage[item.rid] = item.usage
+        if item.cached_tokens is not None:
+            run.cached[item.rid] = item.cached_tokens
             run.done_step[item.rid] = run.steps
 
 
@@ -205,7 +205,7 @@ def test_generates_the_models_tokens_and_returns_everything() -> None:
     run = drive(sched)
     assert run.tokens["a", 0] == reference(prompt, 5)
     assert run.finish["a", 0] == FINISH_LENGTH
-    assert run.usage["a"] == {"prompt_tokens": 10, "completion_tokens": 5, "cached_tokens": 0}
+    assert run.cached["a"] == 0
     assert sched.stats.generated_tokens_total == 5 and sched.stats.prompt_tokens_total == 10
     assert_all_returned(sched, runner)
 
@@ -216,7 +216,7 @@ def test_stop_token_ends_the_choice_and_ignore_eos_does_not() -> None:
     submit(sched, "ign", prompt_of(3, 8), max_tokens=5, sampling=SamplingParams(seed=3), ignore_eos=True)
     run = drive(sched)
     assert run.finish["stop", 0] == FINISH_STOP and len(run.tokens["stop", 0]) == 2
-    assert run.usage["stop"]["completion_tokens"] == 3  # the stop token counts, it is not sent
+    assert sched.stats.generated_tokens_total == 3 + 5  # the stop token counts, it is not sent
     assert run.finish["ign", 0] == FINISH_LENGTH and EOG in run.tokens["ign", 0]
     assert_all_returned(sched, runner)
 
@@ -295,7 +295,7 @@ def test_rows_go_in_sequence_id_order_and_ids_are_reused_lowest_first() -> None:
     run = Run()
     for _ in range(3):
         step(sched, run)
-    assert "a" in run.usage and sched.running["b"].leader.seq_id == 1
+    assert "a" in run.cached and sched.running["b"].leader.seq_id == 1
     submit(sched, "c", prompt_of(3, 4), max_tokens=2)
     step(sched, run)
     assert [(w.rid, w.seq_id) for w in runner.plans[-1].work] == [("c", 0), ("b", 1)]
@@ -338,7 +338,7 @@ def test_a_finished_prompt_is_taken_over_by_a_longer_one() -> None:
     runner.plans.clear()
     run = drive(sched)
     first = next(w for w in runner.plans[0].work if w.rid == "b")
-    assert first.position == 40 and run.usage["b"]["cached_tokens"] == 40
+    assert first.position == 40 and run.cached["b"] == 40
     assert run.tokens["b", 0] == reference(longer, 4)
     assert sched.stats.prefix_cache_hits_total == 1 and sched.stats.prefix_cache_reused_tokens_total == 40
     assert_all_returned(sched, runner)
@@ -352,7 +352,7 @@ def test_a_takeover_counts_the_cached_cells_it_reuses() -> None:
     # 50 prompt + 45 new cells: fits in 100 only because the 43 cached cells are taken over, not added.
     longer = submit(sched, "b", shared + prompt_of(6, 10), max_tokens=45)
     run = drive(sched)
-    assert run.usage["b"]["cached_tokens"] == 40
+    assert run.cached["b"] == 40
     assert run.tokens["b", 0] == reference(longer, 45)
     assert_all_returned(sched, runner)
 
@@ -365,7 +365,7 @@ def test_prefix_cache_off_prefills_everything() -> None:
     submit(sched, "b", [*shared, 3], max_tokens=3)
     runner.plans.clear()
     run = drive(sched)
-    assert runner.plans[0].work[0].position == 0 and run.usage["b"]["cached_tokens"] == 0
+    assert runner.plans[0].work[0].position == 0 and run.cached["b"] == 0
     assert_all_returned(sched, runner)
 
 
@@ -379,7 +379,7 @@ def test_a_running_sequences_prefix_is_copied(unified: bool) -> None:
     step(sched, run)  # "a" is decoding
     b = submit(sched, "b", shared + prompt_of(8, 5), max_tokens=4)
     drive(sched, run)
-    assert run.usage["b"]["cached_tokens"] == 40
+    assert run.cached["b"] == 40
     assert runner.copies[0][:2] == (0, 1)
     assert run.tokens["b", 0] == reference(b, 4)
     assert run.tokens["a", 0] == reference(shared, 30)
@@ -398,7 +398,7 @@ def test_a_request_waits_for_a_shared_prompt_being_prefilled() -> None:
         step(sched, run)
     # "b" waits while "a" will still share 64 tokens more than it holds, then copies what "a" holds.
     assert waited >= 3
-    assert run.usage.get("b") is None and sched.running["b"].cached_tokens >= 200 - 1 - 64
+    assert run.cached.get("b") is None and sched.running["b"].cached_tokens >= 200 - 1 - 64
     drive(sched, run)
     assert run.tokens["b", 0] == reference([*shared, 5, 6], 2)
     assert sched.stats.prefix_cache_hits_total == 1
@@ -415,7 +415,7 @@ def test_choices_share_one_prefill_of_the_prompt() -> None:
     assert prompt_rows == 30, "the prompt is decoded once, not once per choice"
     for choice in range(3):
         assert run.tokens["n3", choice] == reference(prompt, 4, choice)
-    assert run.usage["n3"] == {"prompt_tokens": 30, "completion_tokens": 12, "cached_tokens": 0}
+    assert run.cached["n3"] == 0 and sched.stats.generated_tokens_total == 12
     assert_all_returned(sched, runner)
 
 
@@ -460,7 +460,7 @@ def test_cancel_while_decoding_leaves_the_others_running() -> None:
     assert sched.cancel("a")
     assert "a" not in sched.running and sched.reserved == sched.running["b"].reserved_cells
     drive(sched, run)
-    assert len(run.tokens["a", 0]) == 3 and "a" not in run.usage
+    assert len(run.tokens["a", 0]) == 3 and "a" not in run.cached
     assert run.tokens["b", 0] == reference(prompt_of(2, 5), 6)
     assert_all_returned(sched, runner)
 
@@ -481,7 +481,7 @@ def test_a_failed_sequence_fails_only_its_request(where: str) -> None:
     drive(sched, run)
     assert not any(runner.kv[seq_id] for seq_id in bad_ids), "a failed request's KV is not kept as cache"
     assert run.errors["bad"][0] == 500 and set(run.errors) == {"bad"}
-    assert "bad" not in run.usage
+    assert "bad" not in run.cached
     for rid, seed in (("ok1", 1), ("ok2", 3)):
         assert run.tokens[rid, 0] == reference(prompt_of(seed, 6), 5)
     assert sched.stats.requests_failed_total == 1
