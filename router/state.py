@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.admission import Admission
-from router.dispatch import Dispatcher
-from router.errors import APIError
-from router.metrics import Metrics
-from router.offload import Preparer
-from router.parsing import ResponseSchemaParser
-from router.structured import check_grammar_size
-from router.templating import ChatTemplate, TemplateError
+from router.api.admission import Admission
+from router.api.errors import APIError
+from router.api.metrics import Metrics
+from router.client.dispatch import Dispatcher
+from router.parsers import ResponseSchemaParser
+from router.preprocess.offload import Preparer
+from router.preprocess.templating import ChatTemplate, TemplateError
+from router.structured.response_format import check_grammar_size
 from shared.config import Config
 from shared.models import resolve_model_path
 from shared.protocol import SamplingParams, SubmitRequest
@@ -33,7 +33,7 @@ class ServerState:
     created: int
     # The config's response_schema, compiled once (None: Hermes/<think> parsing).
     response_parser: ResponseSchemaParser | None = None
-    # Admission by sequences (router/admission.py) and the threads that prepare requests off the loop.
+    # Admission by sequences (router/api/admission.py) and the threads that prepare requests off the loop.
     admission: Admission = field(init=False)
     preparer: Preparer = field(init=False)
 

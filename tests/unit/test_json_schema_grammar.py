@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from router.grammar import (
+from router.structured import (
     GrammarBuilder,
     UnsupportedSchemaError,
     add_schema,

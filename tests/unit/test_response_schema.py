@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from router.parsing import (
+from router.parsers import (
     ParsedDelta,
     ParsedMessage,
     ResponseSchemaParser,
     StreamingResponseParser,
 )
-from router.parsing.gemma_args import GemmaArgumentsError, parse_gemma_arguments
-from router.parsing.regex_literals import literal_runs
+from router.parsers.gemma_args import GemmaArgumentsError, parse_gemma_arguments
+from router.parsers.regex_literals import literal_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QWEN_CONFIGS = ["qwen3.5-0.8b.json", "qwen3.6-27b.json", "qwen3.6-35b-a3b.json"]

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from router.chat_output import HermesOutput, SchemaOutput
-from router.parsing import ResponseSchemaParser
-from router.tool_parser import ToolCallParser
-from router.tools import render_call
+from router.parsers import ResponseSchemaParser
+from router.parsers.hermes import ToolCallParser
+from router.parsers.output import HermesOutput, SchemaOutput
+from router.preprocess.tool_prompts import render_call
 
 CALL = render_call("get_weather", {"city": 'Paris "Left" </tool_call>', "days": [1, 2]})
 CASES: list[tuple[str, str, dict[str, Any]]] = [

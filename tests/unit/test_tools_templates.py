@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from router.chat_prepare import plan_chat
-from router.parsing import ResponseSchemaParser
-from router.schemas import ChatCompletionRequest
+from router.openai.requests import ChatCompletionRequest
+from router.parsers import ResponseSchemaParser
+from router.preprocess.chat_plan import plan_chat
+from router.preprocess.templating import ChatTemplate
+from router.preprocess.tool_prompts import default_protocol, hf_messages, template_knows_tools
 from router.state import ServerState
-from router.templating import ChatTemplate
-from router.tools import default_protocol, hf_messages, template_knows_tools
 from tests.unit.gbnf_match import matches
 
 REPO = Path(__file__).resolve().parents[2]
