@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from router.api.sse import openai_object, run_unless_disconnected, sse_with_errors
 from router.client.generation import ChoiceDelta, Generation
+from router.endpoints.chat_format import chat_deltas, chat_message
 from router.openai.requests import ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
 from router.preprocess.chat_plan import ChatPlan, chat_generation, template_messages
@@ -97,7 +98,7 @@ async def _collect(
         choices.append(
             {
                 "index": i,
-                "message": output.message(),
+                "message": chat_message(output.message(), body.include_reasoning),
                 "logprobs": {"content": logprobs[i]} if body.logprobs else None,
                 "finish_reason": reason,
             }
@@ -139,7 +140,7 @@ async def _stream(
         if delta.finish_reason is not None:
             last, finish = output.finish(delta.finish_reason)
             deltas += last
-        for piece in deltas:
+        for piece in chat_deltas(deltas, body.include_reasoning):
             yield chunk(delta.index, piece, logprobs, None)
             logprobs = None
         if logprobs is not None or finish is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from router.api.unicode_check import UnicodeCheckedModel, lone_surrogate_param
 from router.client.generation import Generation, Usage
 from router.openai.requests import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
-from router.preprocess.chat_plan import ChatPlan, chat_generation
+from router.preprocess.chat_plan import ChatPlan, RequestFields, chat_generation
 from router.state import ServerState
 from shared.vocab import TokenizerError
 
@@ -326,15 +327,18 @@ def chat_response_format(text: TextOptions | None) -> dict[str, Any] | None:
     )
 
 
-def validation_error(error: ValidationError) -> APIError:
-    """A pydantic error as a 400 naming the first bad field."""
+def validation_error(error: ValidationError, names: Mapping[str, str] | None = None) -> APIError:
+    """A pydantic error as a 400 naming the first bad field (its top-level name looked up in `names`)."""
     errors = error.errors()
     if not errors:
         return APIError(400, "invalid request")
     surrogate = lone_surrogate_param(dict(errors[0]))
     if surrogate is not None:
         return APIError(400, str(surrogate), param=surrogate.param or None)
-    where = ".".join(str(p) for p in errors[0]["loc"]) or None
+    loc = [str(p) for p in errors[0]["loc"]]
+    if loc and names:
+        loc[0] = names.get(loc[0], loc[0])
+    where = ".".join(loc) or None
     message = str(errors[0]["msg"])
     return APIError(400, f"{where}: {message}" if where else message, param=where)
 
@@ -360,27 +364,21 @@ def to_chat_request(body: ResponsesRequest, has_projector: bool = False) -> Chat
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as error:
-        raise responses_error(validation_error(error)) from error
+        raise validation_error(error, _CHAT_TO_RESPONSES) from error
 
 
-# Chat's names for the fields a planning error names, and their Responses names (longest first).
-_RENAMED = (
-    ("response_format.json_schema.schema", "text.format.schema"),
-    ("response_format", "text.format"),
-    ("max_completion_tokens", "max_output_tokens"),
-    ("max_tokens", "max_output_tokens"),
-    ("messages", "input"),
+# The chat request's fields that stand for Responses fields, named as the client sent them.
+RESPONSES_FIELDS = RequestFields(
+    messages="input",
+    max_tokens="max_output_tokens",
+    response_format="text.format",
+    schema="text.format.schema",
 )
-
-
-def responses_error(error: APIError) -> APIError:
-    """A chat planning error naming the Responses fields instead of chat's."""
-    message, param = error.message, error.param
-    for chat_name, name in _RENAMED:
-        message = message.replace(chat_name, name)
-        if param is not None and param.startswith(chat_name):
-            param = name + param[len(chat_name) :]
-    return APIError(error.status, message, error.kind, param, error.code)
+_CHAT_TO_RESPONSES = {
+    "messages": RESPONSES_FIELDS.messages,
+    "max_tokens": RESPONSES_FIELDS.max_tokens,
+    "response_format": RESPONSES_FIELDS.response_format,
+}
 
 
 def check_stateless(body: ResponsesRequest) -> None:
@@ -513,16 +511,14 @@ async def start_response(
 
     def prepare() -> tuple[ChatCompletionRequest, Generation, ChatPlan]:  # on a pool thread: see offload.py
         chat = to_chat_request(body, has_projector=state.config.model.mtmd is not None)
-        try:
-            generation, plan = chat_generation(
-                state,
-                chat,
-                rid_prefix=request_prefix,
-                endpoint="responses",
-                output_limit=chat.output_limit if generate else 1,
-            )
-        except APIError as error:
-            raise responses_error(error) from error
+        generation, plan = chat_generation(
+            state,
+            chat,
+            rid_prefix=request_prefix,
+            endpoint="responses",
+            output_limit=chat.output_limit if generate else 1,
+            fields=RESPONSES_FIELDS,
+        )
         return chat, generation, plan
 
     chat, generation, plan = await state.preparer.run(prepare)

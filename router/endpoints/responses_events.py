@@ -1,6 +1,6 @@
 """A response's life as Responses API events, served over SSE or collected into one response object.
 
-The chat output parser (router/parsers/output.py) turns generated text into chat deltas (content,
+The choice output parser (router/parsers/output.py) turns generated text into typed deltas (content,
 reasoning, tool-call openings and argument pieces); `OutputAssembler` turns those into output items
 and their events in OpenAI's order: each item is added, filled by deltas and done before the next one
 is added; `response.created` and `response.in_progress` come first and `response.completed` (or
@@ -29,6 +29,7 @@ from router.endpoints.responses import (
     start_response,
 )
 from router.endpoints.responses import usage_object as _usage_object
+from router.parsers.output import CallDelta, OutputDelta
 from router.state import ServerState
 from shared.protocol import FINISH_CANCELLED, FINISH_LENGTH
 
@@ -47,7 +48,7 @@ class _Item:
 
 @dataclass
 class OutputAssembler:
-    """Chat deltas in, output items and their events out (events carry no sequence number yet)."""
+    """Output deltas in, output items and their events out (events carry no sequence number yet)."""
 
     items: list[_Item] = field(default_factory=list)
     _open: _Item | None = None
@@ -120,17 +121,16 @@ class OutputAssembler:
         events.append(delta)
         return events
 
-    def feed(self, delta: dict[str, Any], cut: bool = False) -> list[Event]:
-        """Events for one chat delta ({"content"}, {"reasoning_content"} or {"tool_calls"}).
+    def feed(self, delta: OutputDelta, cut: bool = False) -> list[Event]:
+        """Events for one output delta.
 
-        `cut`: the last deltas of an output stopped by max_output_tokens. Chat reports a call cut
+        `cut`: one of the last deltas of an output stopped by max_output_tokens. Chat reports a call cut
         short as its raw text; here the call's own item (status incomplete) already says so.
         """
         events: list[Event] = []
-        reasoning = delta.get("reasoning_content")
-        if reasoning:
-            events += self._text("reasoning", reasoning)
-        content = delta.get("content")
+        if delta.reasoning:
+            events += self._text("reasoning", delta.reasoning)
+        content = delta.content if delta.cut_call is None else delta.cut_call
         if cut and self._open is not None and self._open.kind == "function_call":
             content = None
         if content:
@@ -140,15 +140,13 @@ class OutputAssembler:
                     return events
                 content, self._pending_blank = self._pending_blank + content, ""
             events += self._text("message", content)
-        for call in delta.get("tool_calls") or []:
-            events += self._tool_call(call)
+        if delta.call is not None:
+            events += self._tool_call(delta.call)
         return events
 
-    def _tool_call(self, call: dict[str, Any]) -> list[Event]:
+    def _tool_call(self, call: CallDelta) -> list[Event]:
         events: list[Event] = []
-        function = call.get("function") or {}
-        index = int(call.get("index", 0))
-        item = self._calls.get(index)
+        item = self._calls.get(call.index)
         if item is None:
             self._pending_blank = ""
             item, events = self._add(
@@ -156,13 +154,13 @@ class OutputAssembler:
                     "id": new_id("fc"),
                     "type": "function_call",
                     "status": "in_progress",
-                    "call_id": call.get("id") or new_id("call"),
-                    "name": function.get("name") or "",
+                    "call_id": call.id or new_id("call"),
+                    "name": call.name or "",
                     "arguments": "",
                 }
             )
-            self._calls[index] = item
-        arguments = function.get("arguments") or ""
+            self._calls[call.index] = item
+        arguments = call.arguments
         if arguments:
             item.data["arguments"] += arguments
             events.append(
@@ -258,8 +256,8 @@ class ResponseRun:
                 if delta.finish_reason is not None:
                     last, finish = output.finish(delta.finish_reason)
                     deltas += [(d, finish == FINISH_LENGTH) for d in last]
-                for chat_delta, cut in deltas:
-                    for event in assembler.feed(chat_delta, cut):
+                for output_delta, cut in deltas:
+                    for event in assembler.feed(output_delta, cut):
                         yield self._event(event)
         except WorkerFailure as failure:
             self.failure = failure

@@ -1,7 +1,7 @@
 """Model output split into reasoning, content and tool calls: the Hermes/``<think>`` parser (hermes.py), the
 config's ``response_schema`` (response_schema.py, incremental.py), and one interface over both (output.py)."""
 
-from router.parsers.incremental import ParsedDelta, StreamingResponseParser, ToolCallDelta
+from router.parsers.incremental import IncrementalSchemaParser, ParsedDelta, ToolCallDelta
 from router.parsers.response_schema import (
     FunctionCallDict,
     ParsedMessage,
@@ -12,10 +12,10 @@ from router.parsers.response_schema import (
 
 __all__ = [
     "FunctionCallDict",
+    "IncrementalSchemaParser",
     "ParsedDelta",
     "ParsedMessage",
     "ResponseSchemaParser",
-    "StreamingResponseParser",
     "ToolCallDelta",
     "ToolCallDict",
     "new_tool_call_id",

@@ -1,4 +1,4 @@
-"""Incremental ``response_schema`` parsing into OpenAI chat-completion deltas.
+"""Incremental ``response_schema`` parsing into deltas (content, reasoning, whole tool calls).
 
 Correctness rule: concatenating every delta gives exactly what ``ResponseSchemaParser.parse``
 returns for the whole text, however the text was split. Nothing is emitted that a later token
@@ -51,14 +51,6 @@ class ToolCallDelta:
     arguments: str
     type: str = "function"
 
-    def to_openai(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "id": self.id,
-            "type": self.type,
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-
 
 @dataclass(frozen=True)
 class ParsedDelta:
@@ -67,14 +59,6 @@ class ParsedDelta:
     content: str | None = None
     reasoning_content: str | None = None
     tool_call: ToolCallDelta | None = None
-
-    def to_openai(self) -> dict[str, Any]:
-        """The chat-completion chunk ``delta`` object."""
-        if self.tool_call is not None:
-            return {"tool_calls": [self.tool_call.to_openai()]}
-        if self.reasoning_content is not None:
-            return {REASONING: self.reasoning_content}
-        return {CONTENT: self.content or ""}
 
 
 def _text_delta(name: str, piece: str) -> ParsedDelta:
@@ -102,7 +86,7 @@ _log = logging.getLogger(__name__)
 _FILLER = "x"
 
 
-class StreamingResponseParser:
+class IncrementalSchemaParser:
     """Feeds generated text in pieces and yields OpenAI-style deltas; one per choice."""
 
     def __init__(

@@ -66,21 +66,6 @@ class ParsedMessage:
     tool_calls: list[ToolCallDict] = field(default_factory=list)
     tool_call_parse_error: bool = False
 
-    def to_openai(self) -> dict[str, Any]:
-        """The chat-completion ``message`` object (content is "" rather than None without tools)."""
-        message: dict[str, Any] = {"role": self.role}
-        if self.tool_calls:
-            message["content"] = self.content
-            message["tool_calls"] = [
-                {"id": call["id"], "type": call["type"], "function": dict(call["function"])}
-                for call in self.tool_calls
-            ]
-        else:
-            message["content"] = self.content or ""
-        if self.reasoning_content is not None:
-            message[REASONING] = self.reasoning_content
-        return message
-
 
 @dataclass(frozen=True)
 class ToolCallFields:

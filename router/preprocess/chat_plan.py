@@ -21,6 +21,19 @@ from router.state import ServerState, make_submit
 from router.structured.response_format import GrammarPlan, structured_grammar
 from router.structured.tool_grammar import HERMES, detect_format, tool_grammar
 
+
+@dataclass(frozen=True)
+class RequestFields:
+    """What the request calls the fields that planning errors name: chat's names, or the Responses API's."""
+
+    messages: str = "messages"
+    max_tokens: str = "max_tokens"
+    response_format: str = "response_format"
+    schema: str = "response_format.json_schema.schema"
+
+
+CHAT_FIELDS = RequestFields()
+
 REASONING_OPEN = "<think>"
 REASONING_CLOSE = "</think>"
 
@@ -92,7 +105,9 @@ def _generation_prompt(
     return full[len(head) :] if full.startswith(head) else ""
 
 
-def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
+def plan_chat(
+    state: ServerState, body: ChatCompletionRequest, fields: RequestFields = CHAT_FIELDS
+) -> ChatPlan:
     choice = tool_choice_of(body)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else []
     extra = dict(body.chat_template_kwargs or {})
@@ -111,7 +126,7 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
         messages = default_protocol(messages, tools, choice)
         template_tools = None
     add_prompt = body.add_generation_prompt and not body.continue_final_message
-    prompt = state.render_chat(messages, template_tools, add_prompt, extra)
+    prompt = state.render_chat(messages, template_tools, add_prompt, extra, fields.messages)
     generation_prompt = (
         _generation_prompt(state, messages, template_tools, extra, prompt) if add_prompt else ""
     )
@@ -123,7 +138,9 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     if use_tools and choice != "auto":
         if wants_format:
             raise APIError(
-                400, "a forced tool_choice cannot be combined with response_format", param="tool_choice"
+                400,
+                f"a forced tool_choice cannot be combined with {fields.response_format}",
+                param="tool_choice",
             )
         grammar = tool_grammar(
             fmt,
@@ -134,18 +151,23 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
             reasoning_end=reasoning_end,
         )
     elif wants_format:
-        grammar = structured_grammar(body.response_format, body.grammar, reasoning_end=reasoning_end)
+        grammar = structured_grammar(
+            body.response_format,
+            body.grammar,
+            reasoning_end=reasoning_end,
+            format_param=fields.response_format,
+            schema_param=fields.schema,
+        )
     elif use_tools:
         grammar = tool_grammar(
             fmt, tools, "auto", parallel=body.parallel_tool_calls, reasoning_end=reasoning_end
         )
-    include = body.include_reasoning
     parser = state.response_parser
     outputs: Callable[[], ChoiceOutput]
     if parser is not None:
-        outputs = lambda: SchemaOutput(parser, generation_prompt, tools or None, include)  # noqa: E731
+        outputs = lambda: SchemaOutput(parser, generation_prompt, tools or None)  # noqa: E731
     else:
-        outputs = lambda: HermesOutput(use_tools, reasoning_open, include)  # noqa: E731
+        outputs = lambda: HermesOutput(use_tools, reasoning_open)  # noqa: E731
     return ChatPlan(prompt, generation_prompt, grammar, outputs, use_tools or parser is not None)
 
 
@@ -157,14 +179,17 @@ def chat_generation(
     endpoint: str,
     output_limit: int | None,
     logprobs: int | None = None,
+    fields: RequestFields = CHAT_FIELDS,
 ) -> tuple[Generation, ChatPlan]:
     """Plans a chat request (template, grammar, parsers) and builds its generation, not yet submitted.
 
     Chat completions and the Responses API both answer through this, so tools, grammars and reasoning
-    behave the same in both."""
-    plan = plan_chat(state, body)
+    behave the same in both; errors name the fields as the client's request calls them (`fields`)."""
+    plan = plan_chat(state, body, fields)
     tokens = state.tokenize_prompt(plan.prompt)
-    budget = state.output_budget(len(tokens), output_limit, body.n)
+    budget = state.output_budget(
+        len(tokens), output_limit, body.n, prompt_param=fields.messages, limit_param=fields.max_tokens
+    )
     rid = state.dispatcher.new_request_id(rid_prefix[:64])
     grammar = plan.grammar
     submit = make_submit(
@@ -176,6 +201,7 @@ def chat_generation(
         logprobs,
         grammar.grammar if grammar else None,
         grammar.triggers if grammar else None,
+        fields.response_format,
     )
     generation = Generation(
         state.dispatcher,

@@ -120,11 +120,16 @@ def structured_grammar(
     raw_grammar: str | None,
     *,
     reasoning_end: str | None = None,
+    format_param: str = "response_format",
+    schema_param: str = "response_format.json_schema.schema",
 ) -> GrammarPlan | None:
-    """The grammar a request asks for through `response_format` or `grammar`, if any."""
+    """The grammar a request asks for through `response_format` or `grammar`, if any.
+
+    Errors name the request's fields `format_param` and `schema_param` (the Responses API calls them
+    `text.format` and `text.format.schema`)."""
     wants_format = response_format is not None and response_format.type != "text"
     if raw_grammar and wants_format:
-        raise APIError(400, "grammar and response_format cannot be combined", param="grammar")
+        raise APIError(400, f"grammar and {format_param} cannot be combined", param="grammar")
     if raw_grammar:
         return GrammarPlan(raw_grammar)
     if response_format is None or response_format.type == "text":
@@ -135,4 +140,4 @@ def structured_grammar(
     schema = spec.schema_ if spec is not None else None
     if schema is None:
         return json_object_grammar(reasoning_end=reasoning_end)
-    return schema_grammar(schema, "response_format.json_schema.schema", reasoning_end=reasoning_end)
+    return schema_grammar(schema, schema_param, reasoning_end=reasoning_end)
