@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.admission import Admission
-from router.dispatch import Dispatcher
-from router.errors import APIError
-from router.metrics import Metrics
-from router.offload import Preparer
-from router.parsing import ResponseSchemaParser
-from router.structured import check_grammar_size
-from router.templating import ChatTemplate, TemplateError
+from router.api.admission import Admission
+from router.api.errors import APIError
+from router.api.metrics import Metrics
+from router.client.dispatch import Dispatcher
+from router.parsers import ResponseSchemaParser
+from router.preprocess.offload import Preparer
+from router.preprocess.templating import ChatTemplate, TemplateError
+from router.structured.response_format import check_grammar_size
 from shared.config import Config
 from shared.models import resolve_model_path
 from shared.protocol import SamplingParams, SubmitRequest, WorkerInfo
@@ -33,7 +33,7 @@ class ServerState:
     created: int
     # The config's response_schema, compiled once (None: Hermes/<think> parsing).
     response_parser: ResponseSchemaParser | None = None
-    # Admission by sequences (router/admission.py) and the threads that prepare requests off the loop.
+    # Admission by sequences (router/api/admission.py) and the threads that prepare requests off the loop.
     admission: Admission = field(init=False)
     preparer: Preparer = field(init=False)
 
@@ -97,20 +97,31 @@ class ServerState:
         tools: list[dict[str, Any]] | None,
         add_generation_prompt: bool,
         extra: dict[str, Any],
+        param: str = "messages",
     ) -> str:
+        """The chat template applied; its errors are 400s naming `param` (the request's messages)."""
         if self.template is None:
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+            raise APIError(400, "this model has no chat template; use /v1/completions", param=param)
         try:
             return self.template.render(
                 messages, tools=tools, add_generation_prompt=add_generation_prompt, extra=extra
             )
         except TemplateError as error:
-            raise APIError(400, str(error), param="messages") from error
+            raise APIError(400, str(error), param=param) from error
 
-    def output_budget(self, prompt_tokens: int, requested: int | None, n: int) -> int:
+    def output_budget(
+        self,
+        prompt_tokens: int,
+        requested: int | None,
+        n: int,
+        *,
+        prompt_param: str = "messages",
+        limit_param: str = "max_tokens",
+    ) -> int:
         """max_tokens for a request: the client's value capped by the config, or what the context has left.
 
-        A prompt plus an explicit max_tokens beyond the context is a 400 before anything is queued.
+        A prompt plus an explicit max_tokens beyond the context is a 400 before anything is queued; errors
+        name the request's fields `prompt_param` and `limit_param`.
         """
         info = self.info()
         n_ctx_seq = info.n_ctx_seq
@@ -121,7 +132,7 @@ class ServerState:
             raise APIError(
                 400,
                 f"the prompt has {prompt_tokens} tokens; this model's context is {n_ctx_seq}",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         cap = self.config.model.max_output_tokens
@@ -131,9 +142,9 @@ class ServerState:
         if budget > room:
             raise APIError(
                 400,
-                f"prompt ({prompt_tokens} tokens) plus max_tokens ({budget}) exceeds the context "
+                f"prompt ({prompt_tokens} tokens) plus {limit_param} ({budget}) exceeds the context "
                 f"length {n_ctx_seq}",
-                param="max_tokens",
+                param=limit_param,
                 code="context_length_exceeded",
             )
         return budget
@@ -165,13 +176,13 @@ def sampling_from(request: Any) -> SamplingParams:
     return params
 
 
-def _grammar_param(request: Any) -> str:
+def _grammar_param(request: Any, format_param: str) -> str:
     """The request field a grammar came from, for error messages."""
     if request.grammar is not None:
         return "grammar"
     response_format = getattr(request, "response_format", None)
     if response_format is not None and response_format.type != "text":
-        return "response_format"
+        return format_param
     return "tools"
 
 
@@ -184,6 +195,7 @@ def make_submit(
     logprobs: int | None,
     grammar: str | None = None,
     grammar_triggers: list[str] | None = None,
+    format_param: str = "response_format",
 ) -> SubmitRequest:
     sampling = sampling_from(request)
     for token, _ in sampling.logit_bias:
@@ -191,7 +203,7 @@ def make_submit(
             raise APIError(400, f"logit_bias token id {token} is out of range", param="logit_bias")
     grammar = grammar if grammar is not None else request.grammar
     if grammar is not None:
-        check_grammar_size(grammar, _grammar_param(request))
+        check_grammar_size(grammar, _grammar_param(request, format_param))
     if grammar is not None and not state.vocab.grammar_is_valid(grammar):  # a 400 before any streaming
         raise APIError(
             400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"

@@ -64,10 +64,10 @@ def _write_keys(directory: Path, workers: int) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """The supervisor: router and workers as child processes (router/supervisor.py)."""
+    """The supervisor: router and workers as child processes (router/process/supervisor.py)."""
     import asyncio
 
-    from router.supervisor import Supervisor
+    from router.process.supervisor import Supervisor
 
     config = load_config(args.config)
     router_args: list[str] = []
@@ -96,9 +96,9 @@ def _run_router(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from router.app import create_app
+    from router.api.app import create_app
+    from router.process.supervisor import ROUTER_START_FAILED
     from router.state import ServerState
-    from router.supervisor import ROUTER_START_FAILED
 
     config = load_config(args.config)
     if args.host:
@@ -113,7 +113,7 @@ def _run_router(args: argparse.Namespace) -> int:
         nonlocal loop, link
         loop = asyncio.get_running_loop()
         if args.control_fd is not None:
-            from router.supervisor_link import SupervisorLink
+            from router.process.supervisor_link import SupervisorLink
 
             link = SupervisorLink(args.control_fd, state.dispatcher)
             await link.start()

@@ -28,7 +28,7 @@ class ServerOptions(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # Bearer keys clients must send (any one of them): one string or a list; also `api_keys_file` and the
-    # LLAMAFLEET_API_KEYS environment variable (router/auth.py). None of them set: no key needed.
+    # LLAMAFLEET_API_KEYS environment variable (router/api/auth.py). None of them set: no key needed.
     api_key: str | list[str] | None = None
     # A file with one key per line (blank lines and lines starting with # ignored), read at start-up.
     api_keys_file: str | None = None

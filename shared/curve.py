@@ -1,7 +1,7 @@
 """ZeroMQ CURVE keys between router and workers: written by `llamafleet keys`, loaded, applied to sockets.
 
 With `workers.keys_dir` set, the router's ROUTER and PULL sockets are CURVE servers that accept only the
-worker public keys found in the directory (checked by a ZAP authenticator, see router/zap.py), and every
+worker public keys found in the directory (checked by a ZAP authenticator: router/client/zap.py), and every
 worker socket is a CURVE client that knows the router's public key, so a worker talks only to the real
 router and the traffic is encrypted. The directory's layout lets a deployment hand each host only what it
 needs:
@@ -37,7 +37,7 @@ ROUTER_NAME = "router"
 WORKERS_DIR = "workers"
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
-# The ZAP domain of the router's sockets (router/zap.py allows worker keys for this domain only).
+# The ZAP domain of the router's sockets (router/client/zap.py allows worker keys for this domain only).
 ZAP_DOMAIN = "llamafleet"
 
 

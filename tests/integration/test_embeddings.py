@@ -36,7 +36,6 @@ Vector = npt.NDArray[np.float64]
 
 @pytest.fixture(scope="session")
 def minilm_source() -> Path:
-    pytest.importorskip("gguf")
     from shared.convert_bert import packaged_minilm_source_dir
 
     try:

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from tests.fixtures.model_fixtures import TinyLlamaFactory
 from tests.fixtures.tiny_models import FIRST_BYTE_ID, TEXT_PIECES
 from tests.integration.server import Server, model_config, run_server
 
@@ -230,26 +231,50 @@ def test_logit_bias_forces_a_token(server: Server) -> None:
     assert out.choices[0].text == " hello" * 5
 
 
-def test_cancelled_stream_frees_its_sequence(server: Server) -> None:
-    with (
-        server.http() as http,
-        http.stream(
-            "POST",
-            "/v1/completions",
-            json={"prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True},
-        ) as response,
-    ):
-        lines = response.iter_lines()
-        next(lines)
-        wait_for_metric(server, 'llamafleet_worker_running_sequences{worker="0"}', 1)
+# Output tokens of a request the client gives up on: several seconds of the tiny model's work, more than
+# idle() waits, so a cancellation that never reaches the worker fails the test either way (the request
+# would also end with far more tokens than the bound below).
+CANCELLED_MAX_TOKENS = 30000
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_llama_factory: TinyLlamaFactory) -> Iterator[Server]:
+    """The tiny llama with a context long enough for CANCELLED_MAX_TOKENS output tokens."""
+    long_context = tiny_llama_factory(n_ctx_train=32768)
+    with run_server(model_config(long_context, n_seq_max=8, n_ctx=32768, flash_attn=False)) as running:
+        yield running
+
+
+def generated_tokens(server: Server) -> float:
+    return server.metrics().get('llamafleet_worker_generated_tokens_total{worker="0"}', 0.0)
+
+
+def assert_cut_short(server: Server, before: float) -> None:
+    """Idle again, and the request stopped long before its max_tokens: it was cancelled, not run out."""
     idle(server)
+    generated = generated_tokens(server) - before
+    print(f"{generated:.0f} of {CANCELLED_MAX_TOKENS} tokens generated before the cancel took effect")
+    assert generated < CANCELLED_MAX_TOKENS / 4, f"{generated:.0f} tokens generated: never cancelled"
 
 
-def test_abandoned_non_streamed_request_frees_its_sequence(server: Server) -> None:
-    # The client gives up long before 4000 tokens are done (a few seconds on the tiny model).
+def test_cancelled_stream_frees_its_sequence(long_server: Server) -> None:
+    server = long_server
+    idle(server)
+    before = generated_tokens(server)
+    body = {"prompt": "hello", "max_tokens": CANCELLED_MAX_TOKENS, "stream": True, "ignore_eos": True}
+    with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+        assert next(line for line in response.iter_lines() if line).startswith("data: ")  # generating
+    assert_cut_short(server, before)
+
+
+def test_abandoned_non_streamed_request_frees_its_sequence(long_server: Server) -> None:
+    server = long_server
+    idle(server)
+    before = generated_tokens(server)
+    body = {"prompt": "hello", "max_tokens": CANCELLED_MAX_TOKENS, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout), server.http(timeout=0.3) as http:
-        http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4000, "ignore_eos": True})
-    idle(server)
+        http.post("/v1/completions", json=body)
+    assert_cut_short(server, before)
 
 
 @pytest.mark.parametrize(

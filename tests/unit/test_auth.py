@@ -1,4 +1,4 @@
-"""API key sources and matching (router/auth.py); the routes themselves are tested through a real server."""
+"""API key sources and matching (router/api/auth.py); the routes are tested through a real server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from router.auth import ApiKeys, load_api_keys
+from router.api.auth import ApiKeys, load_api_keys
 from shared.config import ConfigError, ServerOptions, parse_config
 
 

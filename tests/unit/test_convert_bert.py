@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -50,7 +51,6 @@ def source_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_path(source_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gguf")
     return convert_sentence_transformer(source_dir, tmp_path_factory.mktemp("minilm") / "m.gguf")
 
 
@@ -129,7 +129,6 @@ class LlamaEmbedder:
 
 @pytest.fixture(scope="module")
 def embedder(gguf_path: Path) -> Iterator[LlamaEmbedder]:
-    pytest.importorskip("llama_cpp")
     emb = LlamaEmbedder(gguf_path)
     yield emb
     emb.close()
@@ -165,7 +164,6 @@ def test_similar_sentences_are_closer(embedder: LlamaEmbedder) -> None:
 
 @pytest.mark.slow
 def test_gguf_metadata(gguf_path: Path) -> None:
-    gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(gguf_path)
 
     def value(key: str) -> Any:
@@ -187,7 +185,6 @@ def test_gguf_metadata(gguf_path: Path) -> None:
 
 @pytest.mark.slow
 def test_conversion_is_skipped_when_up_to_date(source_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("gguf")
     out = tmp_path / "m.gguf"
     out.write_bytes(b"GGUF but not really")  # stale or foreign file: converted over
     convert_sentence_transformer(source_dir, out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from router.zap import start_authenticator
+from router.client.zap import start_authenticator
 from shared import curve
 from shared.cli import main
 from shared.config import ConfigError, load_config, parse_config
@@ -121,7 +121,7 @@ def test_allow_list_admits_known_worker_keys_only(tmp_path: Path, caplog: pytest
     server = _curve_server(context, router_keys)
     endpoint = server.getsockopt(zmq.LAST_ENDPOINT).decode()
     try:
-        with caplog.at_level("WARNING", logger="router.zap"):
+        with caplog.at_level("WARNING", logger="router.client.zap"):
             rogue_socket = _send_from(context, endpoint, rogue)
             rogue_socket.send(b"from the rogue")
             assert not server.poll(1000), "a worker key outside the allow-list got through"

@@ -14,6 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from shared import cli, config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ROUTER = "llamafleet-router.service"
@@ -98,16 +101,12 @@ def test_worker_execstart_passes_instance_as_index_and_gpu() -> None:
 
 
 def test_execstart_argv_parses_with_the_cli() -> None:
-    """Cross-checks with shared.cli's argparse parser when the module exposes `build_parser()`."""
-    cli = pytest.importorskip("shared.cli")
-    build_parser = getattr(cli, "build_parser", None)
-    if build_parser is None:
-        pytest.skip("shared.cli has no build_parser(); the static ExecStart checks still apply")
+    """What the units run is what shared.cli's argparse parser accepts (and it refuses an unknown flag)."""
     for name in (ROUTER, WORKER):
         args = [a.replace("%i", "0") for a in exec_argv(load_unit(name))[1:]]
-        build_parser().parse_args(args)
+        cli.build_parser().parse_args(args)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["worker", "-C", CONFIG_PATH, "--no-such-flag"])
+        cli.build_parser().parse_args(["worker", "-C", CONFIG_PATH, "--no-such-flag"])
 
 
 # --- hardening and lifecycle ---------------------------------------------------------------------
@@ -142,7 +141,6 @@ def test_service_hardening_and_lifecycle(name: str) -> None:
 
 
 def test_router_drains_before_systemd_kills_it() -> None:
-    config = pytest.importorskip("shared.config")
     timeout = float(single(load_unit(ROUTER), "Service", "TimeoutStopSec"))
     assert config.ServerOptions().drain_timeout_seconds < timeout
 
@@ -179,7 +177,6 @@ def _env_example() -> dict[str, str]:
 
 
 def test_env_example_overrides_are_real_config_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = pytest.importorskip("shared.config")
     # LLAMAFLEET_<SECTION>__<FIELD> only: LLAMAFLEET_MODELS_DIR and the like are not config fields.
     overrides = {k: v for k, v in _env_example().items() if k.startswith("LLAMAFLEET_") and "__" in k}
     assert {"LLAMAFLEET_SERVER__PORT", "LLAMAFLEET_SERVER__API_KEY"} <= overrides.keys()
@@ -203,8 +200,6 @@ def test_env_example_leaves_gpu_selection_to_the_worker_unit() -> None:
 
 
 def test_prometheus_example_scrapes_router_metrics() -> None:
-    yaml = pytest.importorskip("yaml")
-    config = pytest.importorskip("shared.config")
     data = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     (job,) = [j for j in data["scrape_configs"] if j["job_name"] == "llamafleet"]
     assert job["metrics_path"] == "/metrics"

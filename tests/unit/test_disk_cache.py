@@ -10,16 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import pytest
 
 from shared.config import DiskCacheOptions
 from tests.fixtures.tiny_models import BOS_ID, BYTE_VOCAB_SIZE, FIRST_BYTE_ID, write_tiny_llama
-
-llama_cpp = pytest.importorskip("llama_cpp")
-
-from worker.batch import BatchBuffer  # noqa: E402  (needs llama_cpp)
-from worker.disk_cache import (  # noqa: E402
+from worker.batch import BatchBuffer
+from worker.disk_cache import (
     DiskEntry,
     DiskSequenceCache,
     cache_fingerprint,

@@ -17,7 +17,7 @@ import msgpack
 import msgspec
 import pytest
 
-from router.dispatch import Dispatcher, RequestStream, WorkerFailure
+from router.client.dispatch import Dispatcher, RequestStream, WorkerFailure
 from shared import protocol
 from shared.config import parse_config
 from tests.unit.test_protocol import INFO

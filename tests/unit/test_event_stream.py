@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from starlette.requests import ClientDisconnect
 
-from router.streaming import EventStream
+from router.api.sse import EventStream
 
 
 @pytest.mark.parametrize("spec_version", ["2.4", "2.3"])

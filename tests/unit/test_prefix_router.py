@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.routing import PrefixRouter
+from router.client.routing import PrefixRouter
 
 
 @dataclass

@@ -9,7 +9,7 @@ import msgpack
 import msgspec
 import pytest
 
-from router.metrics import _WORKER_STATS
+from router.api.metrics import _WORKER_STATS
 from shared import protocol
 from shared.protocol import (
     Cancel,

@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
-from router.parsing import (
+from router.parsers import (
+    IncrementalSchemaParser,
     ParsedDelta,
     ParsedMessage,
     ResponseSchemaParser,
-    StreamingResponseParser,
 )
-from router.parsing.gemma_args import GemmaArgumentsError, parse_gemma_arguments
-from router.parsing.regex_literals import literal_runs
+from router.parsers.gemma_args import GemmaArgumentsError, parse_gemma_arguments
+from router.parsers.output import SchemaOutput
+from router.parsers.regex_literals import literal_runs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QWEN_CONFIGS = ["qwen3.5-0.8b.json", "qwen3.6-27b.json", "qwen3.6-35b-a3b.json"]
@@ -287,8 +288,8 @@ def _parser(name: str) -> ResponseSchemaParser:
 
 def _stream(
     parser: ResponseSchemaParser, case: Case, chunks: list[str], fast_path: bool = True
-) -> tuple[list[ParsedDelta], StreamingResponseParser]:
-    stream = StreamingResponseParser(
+) -> tuple[list[ParsedDelta], IncrementalSchemaParser]:
+    stream = IncrementalSchemaParser(
         parser, prefix=case.prefix, tools=TOOLS, id_factory=_ids, fast_path=fast_path
     )
     deltas: list[ParsedDelta] = []
@@ -302,8 +303,7 @@ def _rebuild(deltas: list[ParsedDelta]) -> ParsedMessage:
     """Apply deltas the way an OpenAI client accumulates them."""
     message = ParsedMessage()
     for delta in deltas:
-        payload = delta.to_openai()
-        assert len(payload) == 1
+        assert [delta.content, delta.reasoning_content, delta.tool_call].count(None) == 2  # one field set
         if delta.content is not None:
             message.content = (message.content or "") + delta.content
         if delta.reasoning_content is not None:
@@ -375,8 +375,10 @@ def test_parse_recorded_output(config: str, case: Case) -> None:
         assert isinstance(call["function"]["arguments"], str)
         if not case.parse_error:
             assert json.loads(call["function"]["arguments"]) == arguments
-    openai = message.to_openai()
-    assert openai["content"] == (case.content if case.calls else case.content or "")
+    output = SchemaOutput(parser, case.prefix, TOOLS)  # what chat and Responses read
+    output.feed(case.text)
+    output.finish("stop")
+    assert output.message().content == (case.content if case.calls else case.content or "")
 
 
 @pytest.mark.parametrize(("config", "case"), STREAM_CASES, ids=STREAM_IDS)
@@ -437,7 +439,7 @@ def test_plain_text_streams_with_few_full_parses(monkeypatch: pytest.MonkeyPatch
         return original(text, tools)
 
     monkeypatch.setattr(parser, "analyse", counting)
-    stream = StreamingResponseParser(parser, prefix=QWEN_THINK)
+    stream = IncrementalSchemaParser(parser, prefix=QWEN_THINK)
     words = [f" word{i}" + ("\n" if i % 7 == 0 else "") for i in range(400)]
     reasoning = "".join(stream.feed(word)[0].reasoning_content or "" for word in words[:5])
     for word in words[5:]:
@@ -455,7 +457,7 @@ def test_plain_text_streams_with_few_full_parses(monkeypatch: pytest.MonkeyPatch
 
 def test_truncated_reasoning_then_stream_end() -> None:
     parser = _parser("qwen3.5-0.8b.json")
-    stream = StreamingResponseParser(parser, prefix=QWEN_THINK)
+    stream = IncrementalSchemaParser(parser, prefix=QWEN_THINK)
     pieces = [d.reasoning_content for d in stream.feed("Let me think") if d.reasoning_content]
     pieces += [d.reasoning_content for d in stream.finish() if d.reasoning_content]
     assert "".join(pieces) == "Let me think"
@@ -473,7 +475,7 @@ def test_empty_reasoning_block_leaves_no_marker(config: str, prefix: str) -> Non
 
 def test_missing_prefix_holds_ambiguous_text_until_the_end() -> None:
     parser = _parser("qwen3.5-0.8b.json")
-    stream = StreamingResponseParser(parser)
+    stream = IncrementalSchemaParser(parser)
     assert stream.feed("Hello there") == []  # could still be reasoning closed by </think>
     assert [d.content for d in stream.finish()] == ["Hello there"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.supervisor import RestartPolicy
+from router.process.supervisor import RestartPolicy
 
 
 def test_back_off_grows_with_consecutive_quick_crashes() -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from router.responses_stream import _sse
-from router.streaming import sse, sse_with_errors
+from router.api.sse import sse, sse_with_errors
+from router.endpoints.responses_events import _sse
 
 
 async def _source(closed: list[str]) -> AsyncGenerator[dict[str, Any], None]:
@@ -48,7 +48,7 @@ def test_chat_and_completion_streams_close_their_chunks_when_framing_fails() -> 
     assert closed_then == ["closed"]
 
 
-def test_responses_stream_closes_its_events_when_framing_fails() -> None:
+def test_responses_events_close_its_events_when_framing_fails() -> None:
     closed: list[str] = []
     out, closed_then = _consume(_sse(_Run(closed)), closed)  # a duck-typed ResponseRun
     assert len(out) == 1 and out[0].startswith(b"event: ok\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.templating import ChatTemplate, TemplateError
+from router.preprocess.templating import ChatTemplate, TemplateError
 from tests.fixtures.tiny_models import CHATML_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
@@ -28,8 +29,6 @@ from tests.fixtures.tiny_models import (
     IM_END_ID,
     IM_START_ID,
 )
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 _TEXT = b"user\nthe quick brown fox jumps over a lazy dog"
 PROMPT: list[int] = [BOS_ID, IM_START_ID, *(FIRST_BYTE_ID + b for b in _TEXT)][:40]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
@@ -26,8 +27,6 @@ from tests.fixtures.tiny_models import (
     write_tiny_llama,
     write_tiny_llama_with_vocab_of,
 )
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 
 @dataclass

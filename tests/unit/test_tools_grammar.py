@@ -9,12 +9,17 @@ from typing import Any
 
 import pytest
 
-from router.errors import APIError
-from router.parsing import ResponseSchemaParser
-from router.schemas import ResponseFormat
-from router.structured import escape_trigger, json_object_grammar, schema_grammar, structured_grammar
-from router.tool_grammar import HERMES, QWEN_XML, detect_format, tool_grammar
-from router.tools import render_call
+from router.api.errors import APIError
+from router.openai.requests import ResponseFormat
+from router.parsers import ResponseSchemaParser
+from router.preprocess.tool_prompts import render_call
+from router.structured.response_format import (
+    escape_trigger,
+    json_object_grammar,
+    schema_grammar,
+    structured_grammar,
+)
+from router.structured.tool_grammar import HERMES, QWEN_XML, detect_format, tool_grammar
 from shared.vocab import Vocab
 from tests.unit.gbnf_match import matches
 

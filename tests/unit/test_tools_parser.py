@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from router.chat_output import HermesOutput, SchemaOutput
-from router.parsing import ResponseSchemaParser
-from router.tool_parser import ToolCallParser
-from router.tools import render_call
+from router.endpoints.chat_format import chat_deltas, chat_message
+from router.parsers import ResponseSchemaParser
+from router.parsers.hermes import ToolCallParser
+from router.parsers.output import HermesOutput, SchemaOutput
+from router.preprocess.tool_prompts import render_call
 
 CALL = render_call("get_weather", {"city": 'Paris "Left" </tool_call>', "days": [1, 2]})
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -75,12 +76,15 @@ def test_fields() -> None:
     assert parser.content == "no <tool_call> parsing here"
 
 
-def collect(output: Any, text: str, finish: str, size: int = 3) -> tuple[list[dict[str, Any]], str | None]:
-    deltas: list[dict[str, Any]] = []
+def collect(
+    output: Any, text: str, finish: str, size: int = 3, include_reasoning: bool = True
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The chat deltas of `text` fed in pieces of `size`, and the finish reason."""
+    deltas = []
     for start in range(0, len(text), size):
         deltas += output.feed(text[start : start + size])
     last, reason = output.finish(finish)
-    return deltas + last, reason
+    return chat_deltas(deltas + last, include_reasoning), reason
 
 
 def reassemble(deltas: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,7 +107,7 @@ def test_hermes_output_stream_matches_message() -> None:
     text = "<think>plan</think>\n" + CALL + "\n" + render_call("f", {"x": True})
     output = HermesOutput(parse_tools=True, reasoning_open=False)
     deltas, reason = collect(output, text, "stop")
-    message = output.message()
+    message = chat_message(output.message(), True)
     assert reason == "tool_calls"
     assert message["content"] is None
     assert message["reasoning_content"] == message["reasoning"] == "plan"
@@ -122,7 +126,7 @@ def test_cut_call_reports_length_and_raw_text() -> None:
     text = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": "unfin'
     output = HermesOutput(parse_tools=True, reasoning_open=False)
     deltas, reason = collect(output, text, "length")
-    message = output.message()
+    message = chat_message(output.message(), True)
     assert reason == "length"
     assert "tool_calls" not in message
     assert message["content"] == "Sure." + text[len("Sure.\n") :]
@@ -130,10 +134,10 @@ def test_cut_call_reports_length_and_raw_text() -> None:
 
 
 def test_reasoning_can_be_dropped() -> None:
-    output = HermesOutput(parse_tools=False, reasoning_open=True, include_reasoning=False)
-    deltas, reason = collect(output, "secret</think>visible", "stop")
+    output = HermesOutput(parse_tools=False, reasoning_open=True)
+    deltas, reason = collect(output, "secret</think>visible", "stop", include_reasoning=False)
     assert reason == "stop"
-    assert output.message() == {"role": "assistant", "content": "visible"}
+    assert chat_message(output.message(), False) == {"role": "assistant", "content": "visible"}
     assert all("reasoning" not in d and "reasoning_content" not in d for d in deltas)
 
 
@@ -162,7 +166,7 @@ def test_schema_output_reasoning_under_both_names() -> None:
     parser = ResponseSchemaParser(QWEN_SCHEMA)
     output = SchemaOutput(parser, "<|im_start|>assistant\n<think>\n", None)
     deltas, reason = collect(output, "let me think\n</think>\n\nHello!", "stop")
-    message = output.message()
+    message = chat_message(output.message(), True)
     assert reason == "stop"
     assert message["content"] == "Hello!"
     assert message["reasoning_content"] == message["reasoning"] == "let me think\n"  # the regex's capture

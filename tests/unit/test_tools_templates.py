@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 
-from router.chat_prepare import plan_chat
-from router.parsing import ResponseSchemaParser
-from router.schemas import ChatCompletionRequest
+from router.api.errors import APIError
+from router.endpoints.chat_format import chat_message
+from router.endpoints.responses import RESPONSES_FIELDS
+from router.openai.requests import ChatCompletionRequest
+from router.parsers import ResponseSchemaParser
+from router.preprocess.chat_plan import CHAT_FIELDS, plan_chat
+from router.preprocess.templating import ChatTemplate
+from router.preprocess.tool_prompts import default_protocol, hf_messages, template_knows_tools
 from router.state import ServerState
-from router.templating import ChatTemplate
-from router.tools import default_protocol, hf_messages, template_knows_tools
 from tests.unit.gbnf_match import matches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,7 +136,7 @@ def test_qwen_forced_call_continues_the_templates_opening() -> None:
     output = plan.outputs()
     output.feed(rest)
     _, reason = output.finish("stop")
-    message = output.message()
+    message = chat_message(output.message(), True)
     assert reason == "tool_calls"
     assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"city": "Rome"}]
 
@@ -149,3 +152,27 @@ def test_qwen_thinking_makes_auto_tools_wait_for_the_end_of_reasoning() -> None:
     assert quiet.grammar is not None and quiet.grammar.triggers == ["<tool_call>"]
     low = plan_chat(state, request(reasoning_effort="low"))
     assert "</think>" in low.generation_prompt
+
+
+def test_planning_errors_name_the_fields_as_the_client_sent_them() -> None:
+    """Chat and the Responses API share the planner; each error names its own request's field."""
+    state = stub_state(CHATML)
+    forced = request(tool_choice="required", response_format={"type": "json_object"})
+    unsupported = request(
+        tool_choice="none",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"schema": {"not": {"type": "string"}}},
+        },
+    )
+    for fields, format_name, schema_name in (
+        (CHAT_FIELDS, "response_format", "response_format.json_schema.schema"),
+        (RESPONSES_FIELDS, "text.format", "text.format.schema"),
+    ):
+        with pytest.raises(APIError) as forced_error:
+            plan_chat(state, forced, fields)
+        assert forced_error.value.message.endswith(f"cannot be combined with {format_name}")
+        with pytest.raises(APIError) as schema_error:
+            plan_chat(state, unsupported, fields)
+        assert schema_error.value.param == schema_name
+        assert schema_error.value.message.startswith(f"{schema_name} is not supported")

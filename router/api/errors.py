@@ -1,0 +1,121 @@
+"""OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
+
+Every 429 and 503 carries `Retry-After` (seconds), so clients back off by the server's word; a worker
+failure gets a stable `code` (`worker_unavailable` for a dead or missing worker), the same in an HTTP
+answer and in a stream's error event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.api.unicode_check import lone_surrogate_param
+from router.client.dispatch import WorkerFailure
+
+
+class APIError(Exception):
+    """Raised anywhere in a handler to answer with an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer; the request was cancelled and nobody reads the reply."""
+
+
+# Status of the reply to a client that went away (nginx's "client closed request"); uvicorn drops it.
+CLIENT_CLOSED_STATUS = 499
+
+# Seconds a client should wait before retrying: a full queue drains in about a second; a worker that died
+# is restarted by the supervisor within a few.
+RETRY_AFTER_SECONDS = {429: 1, 503: 2}
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def retry_headers(status: int) -> dict[str, str]:
+    """`Retry-After` for the statuses that mean "try again later", nothing for the others."""
+    seconds = RETRY_AFTER_SECONDS.get(status)
+    return {"Retry-After": str(seconds)} if seconds is not None else {}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(error.message, error.kind, error.param, error.code),
+        status_code=error.status,
+        headers={**retry_headers(error.status), **(error.headers or {})},
+    )
+
+
+def from_worker_failure(failure: WorkerFailure) -> APIError:
+    code = "worker_unavailable" if failure.status == 503 else None
+    return APIError(failure.status, failure.message, failure.kind, code=code)
+
+
+def worker_failure_body(failure: WorkerFailure) -> dict[str, Any]:
+    """The error object of a stream's error event: what an HTTP answer to the same failure carries."""
+    error = from_worker_failure(failure)
+    return error_body(error.message, error.kind, error.param, error.code)
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0] if error.errors() else {}
+    surrogate = lone_surrogate_param(dict(first))
+    if surrogate is not None:
+        return str(surrogate), surrogate.param or None
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, error: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(WorkerFailure)
+    async def _worker_failure(request: Request, error: WorkerFailure) -> JSONResponse:
+        return error_response(from_worker_failure(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return error_response(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(error.status_code, str(error.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"internal error: {type(error).__name__}", "server_error"))

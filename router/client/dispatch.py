@@ -1,0 +1,410 @@
+"""The router's ZeroMQ client: one ROUTER socket to send requests, one PULL socket for results.
+
+A reader task demultiplexes `frames` by request id into per-request asyncio queues; a watchdog marks a
+worker down when its heartbeats stop and fails its in-flight requests at once with a 503, so a client never
+hangs on a dead worker, and asks the supervisor (if any) to kill and replace it. Workers announce themselves
+with `ready`; a worker that sends heartbeats but is not known as ready (this router just restarted, or gave
+up on it) gets a `hello` listing the requests still awaited from it, drops the rest and answers `ready`. The
+supervisor (when the router runs under one) reports process exits through `mark_down`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
+
+from router.client.routing import PrefixRouter
+from router.client.zap import start_authenticator
+from shared import curve, protocol
+from shared.config import Config
+from shared.ipc import IpcSockets
+from shared.protocol import (
+    Cancel,
+    EmbeddingsReply,
+    EmbedRequest,
+    Error,
+    FrameItem,
+    Frames,
+    Hello,
+    Ready,
+    RouterMessage,
+    Stats,
+    SubmitRequest,
+    WorkerInfo,
+    WorkerMessage,
+    WorkerStats,
+)
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailure(Exception):
+    """A request's worker failed it (or died); carries the HTTP status and OpenAI error type."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class WorkerState:
+    index: int
+    pid: int = 0
+    info: WorkerInfo | None = None  # from its `ready`
+    up: bool = False
+    last_seen: float = 0.0
+    stats: WorkerStats = field(default_factory=WorkerStats)  # from its last heartbeat
+    in_flight: set[str] = field(default_factory=set)
+
+    @property
+    def load(self) -> int:
+        return len(self.in_flight)
+
+    @property
+    def slots(self) -> int:
+        return self.info.n_seq_max if self.info is not None else 1
+
+
+class RequestStream:
+    """Frame items (or a failure) for one submitted request, consumed by its HTTP handler."""
+
+    def __init__(
+        self,
+        rid: str,
+        worker: int,
+        queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
+        sequences: int = 1,
+    ) -> None:
+        self.rid = rid
+        self.worker = worker
+        self.sequences = sequences  # what admission charges it (see router/admission.py)
+        # Several requests of one client call (one per prompt) may share a queue.
+        self.queue: asyncio.Queue[FrameItem | WorkerFailure] = queue or asyncio.Queue()
+        self.closed = False
+
+
+class Dispatcher:
+    """Owns the sockets and the table of in-flight requests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.workers: dict[int, WorkerState] = {}
+        self.streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._ctx = zmq.asyncio.Context()
+        self._requests: zmq.asyncio.Socket | None = None
+        self._results: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._codec = protocol.router_codec()
+        self.ready_event = asyncio.Event()
+        self.router = PrefixRouter(enabled=config.workers.routing == "prefix")
+        # Set by a supervisor link: a worker became ready; a worker stopped answering (index, pid).
+        self.on_ready: Callable[[int], None] | None = None
+        self.on_unresponsive: Callable[[int, int], None] | None = None
+        self._hello_sent: dict[int, float] = {}
+        # Loaded here, so a missing or unsafe key file is a config error before anything starts.
+        self._keys = curve.load_router_keys(config.workers.keys_dir) if config.workers.keys_dir else None
+        self._authenticator: ThreadAuthenticator | None = None
+        self._ipc = IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir())
+        self._ipc.check()
+
+    def _secure_sockets(self) -> None:
+        """Private ipc folder; CURVE servers with an allow-list when keys are configured (before bind)."""
+        self._ipc.prepare()
+        for endpoint in self.config.insecure_network_endpoints():
+            log.warning("workers.insecure_tcp: %s is neither authenticated nor encrypted", endpoint)
+        if self._keys is not None:
+            self._authenticator = start_authenticator(self._ctx, self._keys)
+            for sock in (self._requests, self._results):
+                assert sock is not None
+                curve.secure_server(sock, self._keys)
+
+    async def start(self) -> None:
+        self._requests = self._ctx.socket(zmq.ROUTER)
+        self._results = self._ctx.socket(zmq.PULL)
+        self._secure_sockets()
+        self._requests.setsockopt(zmq.LINGER, 0)
+        self._requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted worker reconnects with its old routing id: hand the id over to the new peer.
+        self._requests.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._requests.bind(self.config.requests_endpoint())
+        self._results.setsockopt(zmq.LINGER, 0)
+        self._results.bind(self.config.results_endpoint())
+        self._ipc.secure()
+        self._tasks = [
+            asyncio.create_task(self._read_results(), name="dispatch-reader"),
+            asyncio.create_task(self._read_hellos(), name="dispatch-hellos"),
+            asyncio.create_task(self._watchdog(), name="dispatch-watchdog"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sock in (self._requests, self._results):
+            if sock is not None:
+                sock.close(0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._ctx.term()
+        self._ipc.remove()
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def up_workers(self) -> list[WorkerState]:
+        # list() copies in one step: request preparation reads this from pool threads (offload.py).
+        return [w for w in list(self.workers.values()) if w.up]
+
+    def model_info(self) -> WorkerInfo | None:
+        """The `info` of any ready worker (they all serve the same model); None while none is ready."""
+        for worker in self.up_workers():
+            return worker.info
+        return None
+
+    async def wait_ready(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.up_workers()) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.ready_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready_event.wait(), min(remaining, 0.5))
+        return True
+
+    def mark_down(self, index: int, reason: str) -> None:
+        """Fails every request in flight on a dead worker with a 503."""
+        worker = self.workers.get(index)
+        if worker is None or not worker.up:
+            return
+        worker.up = False
+        self.router.forget_worker(index)
+        log.warning("worker %d is down: %s", index, reason)
+        failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
+        for rid in list(worker.in_flight):
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(failure)
+        worker.in_flight.clear()
+
+    def fail_all(self, status: int, kind: str, message: str) -> None:
+        """Ends every request in flight with a failure (the server is going away)."""
+        failure = WorkerFailure(status, kind, message)
+        for stream in list(self.streams.values()):
+            stream.queue.put_nowait(failure)
+
+    def pick_worker(self, prompt: list[int] | None = None) -> WorkerState:
+        """The worker most likely to hold the prompt's prefix, else the least-loaded ready one."""
+        candidates = self.up_workers()
+        if not candidates:
+            raise WorkerFailure(503, "worker_unavailable", "no worker is ready to serve requests")
+        if prompt is None:
+            return min(candidates, key=lambda w: (w.load, w.index))
+        chosen = self.router.choose(prompt, candidates)
+        assert isinstance(chosen, WorkerState)
+        self.router.record(prompt, chosen.index)
+        return chosen
+
+    def capacity(self) -> int:
+        """Sequences the ready workers can run at once."""
+        return sum(w.slots for w in self.up_workers())
+
+    def in_flight(self) -> int:
+        return sum(len(w.in_flight) for w in self.workers.values())
+
+    def in_flight_sequences(self) -> int:
+        """Sequences of the requests in flight (a request with `n` choices holds `n`)."""
+        total = 0
+        for worker in self.workers.values():
+            for rid in worker.in_flight:
+                stream = self.streams.get(rid)
+                total += stream.sequences if stream is not None else 1
+        return total
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 1_000_000_007:x}"
+
+    async def submit(
+        self,
+        request: SubmitRequest,
+        queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
+    ) -> RequestStream:
+        worker = self.pick_worker(request.prompt)
+        return await self._dispatch(worker, request.rid, request, queue, request.n)
+
+    async def _dispatch(
+        self,
+        worker: WorkerState,
+        rid: str,
+        message: RouterMessage,
+        queue: asyncio.Queue[Any] | None,
+        sequences: int = 1,
+    ) -> RequestStream:
+        """Registers a request's stream on `worker` (so its replies and failures reach `queue`), sends it."""
+        stream = RequestStream(rid, worker.index, queue, sequences)
+        self.streams[rid] = stream
+        worker.in_flight.add(rid)
+        await self._send(worker.index, message)
+        return stream
+
+    async def cancel(self, stream: RequestStream) -> None:
+        """Forgets a request and tells its worker to free its sequences (no-op if already finished)."""
+        if stream.closed:
+            return
+        self._forget(stream.rid)
+        worker = self.workers.get(stream.worker)
+        if worker is not None and worker.up:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(stream.worker, Cancel(stream.rid))
+
+    async def embed(self, request: EmbedRequest, sequences: int = 1) -> EmbeddingsReply:
+        """Sends an embed request to the least-loaded worker and waits for its single reply.
+
+        The reply arrives on the request's stream queue where frames would, so a worker's `error` message
+        and a worker's death (`mark_down`) fail it exactly as they fail a generation.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue()  # carries the EmbeddingsReply or a WorkerFailure
+        stream = RequestStream(request.rid, -1, queue)
+        answered = False
+        try:
+            worker = self.pick_worker()
+            stream = await self._dispatch(worker, request.rid, request, queue, sequences)
+            reply = await queue.get()
+            answered = True
+        finally:
+            if answered:
+                self.finish(stream)
+            else:  # the client went away (or the send failed): let the worker drop it
+                await self.cancel(stream)
+        if isinstance(reply, WorkerFailure):
+            raise reply
+        assert isinstance(reply, EmbeddingsReply)
+        return reply
+
+    def finish(self, stream: RequestStream) -> None:
+        """A request whose worker reported its end: just forget it."""
+        self._forget(stream.rid)
+
+    def _forget(self, rid: str) -> None:
+        stream = self.streams.pop(rid, None)
+        if stream is None:
+            return
+        stream.closed = True
+        worker = self.workers.get(stream.worker)
+        if worker is not None:
+            worker.in_flight.discard(rid)
+
+    async def _send(self, index: int, message: RouterMessage) -> None:
+        assert self._requests is not None
+        try:
+            payload = self._codec.encode(message)
+        except (OverflowError, TypeError, ValueError) as error:  # e.g. an integer beyond 64 bits
+            raise WorkerFailure(
+                400, "invalid_request_error", f"a request value is out of range: {error}"
+            ) from error
+        try:
+            await self._requests.send_multipart([protocol.worker_identity(index), payload])
+        except zmq.ZMQError as error:  # EHOSTUNREACH: the worker is not connected
+            self.mark_down(index, f"is unreachable ({error})")
+            raise WorkerFailure(503, "worker_unavailable", "the worker is unreachable") from error
+
+    # -- background tasks -----------------------------------------------------------------------
+
+    async def _read_results(self) -> None:
+        assert self._results is not None
+        while True:
+            self.receive(await self._results.recv())
+
+    async def _read_hellos(self) -> None:
+        """Workers announce `ready` on their DEALER: once it arrives here, the ROUTER can route to them."""
+        assert self._requests is not None
+        while True:
+            _identity, payload = await self._requests.recv_multipart()
+            self.receive(payload)
+
+    def receive(self, payload: bytes) -> None:
+        """Handles one payload from a worker; a bad one (another version, unknown tag, mistyped fields) is
+        logged and dropped, and nothing it carries can stop the reader."""
+        try:
+            message = self._codec.decode(payload)
+        except protocol.ProtocolError as error:
+            log.error("dropping a bad message from a worker: %s", error)
+            return
+        try:
+            self._handle(message)
+        except Exception:  # a bug: one message must not stop the reader
+            log.exception("dropping a message that could not be handled: %.200r", message)
+
+    def _handle(self, message: WorkerMessage) -> None:
+        if isinstance(message, Frames):
+            for item in message.items:
+                stream = self.streams.get(item.rid)
+                if stream is not None:
+                    stream.queue.put_nowait(item)
+            return
+        if isinstance(message, EmbeddingsReply):
+            embed_stream = self.streams.get(message.rid)
+            if embed_stream is not None:
+                reply_queue: asyncio.Queue[Any] = embed_stream.queue  # see `embed`
+                reply_queue.put_nowait(message)
+            return
+        if isinstance(message, Error):
+            stream = self.streams.get(message.rid)
+            if stream is not None:
+                stream.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
+            return
+        worker = self.workers.setdefault(message.worker, WorkerState(message.worker))
+        worker.last_seen = time.monotonic()
+        if isinstance(message, Ready):
+            if not (worker.up and worker.pid == message.pid):
+                log.info("worker %d ready (pid %d)", worker.index, message.pid)
+            worker.pid = message.pid
+            worker.info = message.info
+            worker.up = True
+            self.ready_event.set()
+            if self.on_ready is not None:
+                self.on_ready(worker.index)
+        elif isinstance(message, Stats):
+            if worker.up and worker.pid and message.pid != worker.pid:
+                return  # a late heartbeat from a previous process of this index
+            worker.stats = message.counters
+
+    async def _watchdog(self) -> None:
+        timeout = self.config.workers.heartbeat_timeout_seconds
+        interval = min(self.config.workers.heartbeat_interval_seconds, 0.25)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for worker in list(self.workers.values()):
+                if worker.up and now - worker.last_seen > timeout:
+                    self.mark_down(worker.index, f"stopped sending heartbeats for {timeout:.1f}s")
+                    if self.on_unresponsive is not None:
+                        self.on_unresponsive(worker.index, worker.pid)
+                elif not worker.up and now - worker.last_seen < timeout:
+                    await self._hello(worker, now)
+
+    async def _hello(self, worker: WorkerState, now: float) -> None:
+        """A worker that beats but is not ready here: ask it to drop what we no longer await and re-join."""
+        if now - self._hello_sent.get(worker.index, 0.0) < 0.5:
+            return
+        self._hello_sent[worker.index] = now
+        assert self._requests is not None
+        payload = self._codec.encode(Hello(sorted(worker.in_flight)))
+        with contextlib.suppress(zmq.ZMQError):  # not connected (yet): the next beat tries again
+            await self._requests.send_multipart([protocol.worker_identity(worker.index), payload])
