@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead
+from bench import embeddings, prefix, serving, step_overhead, vs_llama_server
 
 
 def main() -> None:
@@ -14,6 +14,8 @@ def main() -> None:
     step_overhead.main([])
     print("\n== embeddings ==")
     embeddings.main([])
+    print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
+    vs_llama_server.main([])
 
 
 if __name__ == "__main__":
