@@ -163,15 +163,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_no in range(args.rounds):
             prompts = rounds[round_no + 1]
             raw_runs.append(raw.run(prompts, args.max_tokens, args.concurrency))
-            before = _cpu_seconds([server.process.pid, *server.workers()])
+            # The router is the supervisor's child since the supervisor split; the supervisor is idle.
+            router = server.router_pid() or server.process.pid
+            workers = server.workers()
+            before = _cpu_seconds([router, *workers])
             client_before = time.process_time()
             loaded = asyncio.run(run_load(server.base_url, prompts, args.max_tokens, args.concurrency))
-            after = _cpu_seconds([server.process.pid, *server.workers()])
+            after = _cpu_seconds([router, *workers])
             server_runs.append(loaded)
             cpu = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
             cpu_line = (
-                f"CPU seconds in the last loaded run: router {cpu.get(server.process.pid, 0.0):.2f}, "
-                f"workers {sum(v for p, v in cpu.items() if p != server.process.pid):.2f}, "
+                f"CPU seconds in the last loaded run: router {cpu.get(router, 0.0):.2f}, "
+                f"workers {sum(v for p, v in cpu.items() if p != router):.2f}, "
                 f"load generator {time.process_time() - client_before:.2f}, wall {loaded.seconds:.2f}"
             )
             fresh = singles[5 * round_no : 5 * round_no + 5]

@@ -201,12 +201,12 @@ def run_server(
     config_path = run_dir / "config.json"
     config_path.write_text(json.dumps(config))
     log_path = run_dir / "server.log"
-    process_env = {
-        **os.environ,
-        "OMP_WAIT_POLICY": "passive",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
+    # Tests share few cores: llama.cpp's threads sleep at once. Benchmarks pass passive_threads=False and
+    # get the worker's own setting (shared/threads.py: spin across the gap between two decode steps).
+    process_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if passive_threads:
+        process_env["OMP_WAIT_POLICY"] = "passive"
+    process_env.update(env or {})
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "serve", "-C", str(config_path)],
