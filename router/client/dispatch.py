@@ -77,8 +77,9 @@ class WorkerState:
         return self.info.n_seq_max if self.info is not None else 1
 
 
-class RequestStream:
-    """Frame items (or a failure) for one submitted request, consumed by its HTTP handler."""
+class Pending:
+    """One submitted request the router awaits: its frame items (or a failure) queue up here for its HTTP
+    handler. ("Stream" is kept for what a client gets with `stream: true`.)"""
 
     def __init__(
         self,
@@ -101,7 +102,7 @@ class Dispatcher:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers: dict[int, WorkerState] = {}
-        self.streams: dict[str, RequestStream] = {}
+        self.pending: dict[str, Pending] = {}
         self._ids = itertools.count()
         self._ctx = zmq.asyncio.Context()
         self._requests: zmq.asyncio.Socket | None = None
@@ -196,16 +197,16 @@ class Dispatcher:
         log.warning("worker %d is down: %s", index, reason)
         failure = WorkerFailure(503, "worker_unavailable", f"the worker serving this request {reason}")
         for rid in list(worker.in_flight):
-            stream = self.streams.get(rid)
-            if stream is not None:
-                stream.queue.put_nowait(failure)
+            pending = self.pending.get(rid)
+            if pending is not None:
+                pending.queue.put_nowait(failure)
         worker.in_flight.clear()
 
     def fail_all(self, status: int, kind: str, message: str) -> None:
         """Ends every request in flight with a failure (the server is going away)."""
         failure = WorkerFailure(status, kind, message)
-        for stream in list(self.streams.values()):
-            stream.queue.put_nowait(failure)
+        for pending in list(self.pending.values()):
+            pending.queue.put_nowait(failure)
 
     def pick_worker(self, prompt: list[int] | None = None) -> WorkerState:
         """The worker most likely to hold the prompt's prefix, else the least-loaded ready one."""
@@ -231,8 +232,8 @@ class Dispatcher:
         total = 0
         for worker in self.workers.values():
             for rid in worker.in_flight:
-                stream = self.streams.get(rid)
-                total += stream.sequences if stream is not None else 1
+                pending = self.pending.get(rid)
+                total += pending.sequences if pending is not None else 1
         return total
 
     # -- requests -------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ class Dispatcher:
         self,
         request: SubmitRequest,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
-    ) -> RequestStream:
+    ) -> Pending:
         worker = self.pick_worker(request.prompt)
         return await self._dispatch(worker, request.rid, request, queue, request.n)
 
@@ -255,58 +256,58 @@ class Dispatcher:
         message: RouterMessage,
         queue: asyncio.Queue[Any] | None,
         sequences: int = 1,
-    ) -> RequestStream:
-        """Registers a request's stream on `worker` (so its replies and failures reach `queue`), sends it."""
-        stream = RequestStream(rid, worker.index, queue, sequences)
-        self.streams[rid] = stream
+    ) -> Pending:
+        """Registers a request on `worker` (so its replies and failures reach `queue`), sends it."""
+        pending = Pending(rid, worker.index, queue, sequences)
+        self.pending[rid] = pending
         worker.in_flight.add(rid)
         await self._send(worker.index, message)
-        return stream
+        return pending
 
-    async def cancel(self, stream: RequestStream) -> None:
+    async def cancel(self, pending: Pending) -> None:
         """Forgets a request and tells its worker to free its sequences (no-op if already finished)."""
-        if stream.closed:
+        if pending.closed:
             return
-        self._forget(stream.rid)
-        worker = self.workers.get(stream.worker)
+        self._forget(pending.rid)
+        worker = self.workers.get(pending.worker)
         if worker is not None and worker.up:
             with contextlib.suppress(zmq.ZMQError):
-                await self._send(stream.worker, Cancel(stream.rid))
+                await self._send(pending.worker, Cancel(pending.rid))
 
     async def embed(self, request: EmbedRequest, sequences: int = 1) -> EmbeddingsReply:
         """Sends an embed request to the least-loaded worker and waits for its single reply.
 
-        The reply arrives on the request's stream queue where frames would, so a worker's `error` message
+        The reply arrives on the request's queue where frames would, so a worker's `error` message
         and a worker's death (`mark_down`) fail it exactly as they fail a generation.
         """
         queue: asyncio.Queue[Any] = asyncio.Queue()  # carries the EmbeddingsReply or a WorkerFailure
-        stream = RequestStream(request.rid, -1, queue)
+        pending = Pending(request.rid, -1, queue)
         answered = False
         try:
             worker = self.pick_worker()
-            stream = await self._dispatch(worker, request.rid, request, queue, sequences)
+            pending = await self._dispatch(worker, request.rid, request, queue, sequences)
             reply = await queue.get()
             answered = True
         finally:
             if answered:
-                self.finish(stream)
+                self.finish(pending)
             else:  # the client went away (or the send failed): let the worker drop it
-                await self.cancel(stream)
+                await self.cancel(pending)
         if isinstance(reply, WorkerFailure):
             raise reply
         assert isinstance(reply, EmbeddingsReply)
         return reply
 
-    def finish(self, stream: RequestStream) -> None:
+    def finish(self, pending: Pending) -> None:
         """A request whose worker reported its end: just forget it."""
-        self._forget(stream.rid)
+        self._forget(pending.rid)
 
     def _forget(self, rid: str) -> None:
-        stream = self.streams.pop(rid, None)
-        if stream is None:
+        pending = self.pending.pop(rid, None)
+        if pending is None:
             return
-        stream.closed = True
-        worker = self.workers.get(stream.worker)
+        pending.closed = True
+        worker = self.workers.get(pending.worker)
         if worker is not None:
             worker.in_flight.discard(rid)
 
@@ -354,20 +355,20 @@ class Dispatcher:
     def _handle(self, message: WorkerMessage) -> None:
         if isinstance(message, Frames):
             for item in message.items:
-                stream = self.streams.get(item.rid)
-                if stream is not None:
-                    stream.queue.put_nowait(item)
+                pending = self.pending.get(item.rid)
+                if pending is not None:
+                    pending.queue.put_nowait(item)
             return
         if isinstance(message, EmbeddingsReply):
-            embed_stream = self.streams.get(message.rid)
-            if embed_stream is not None:
-                reply_queue: asyncio.Queue[Any] = embed_stream.queue  # see `embed`
+            embed_pending = self.pending.get(message.rid)
+            if embed_pending is not None:
+                reply_queue: asyncio.Queue[Any] = embed_pending.queue  # see `embed`
                 reply_queue.put_nowait(message)
             return
         if isinstance(message, Error):
-            stream = self.streams.get(message.rid)
-            if stream is not None:
-                stream.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
+            pending = self.pending.get(message.rid)
+            if pending is not None:
+                pending.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
             return
         worker = self.workers.setdefault(message.worker, WorkerState(message.worker))
         worker.last_seen = time.monotonic()

@@ -1,7 +1,7 @@
 """Drives one client request's generation: submit to a worker, turn frame items into text events.
 
 Completions with several prompts submit one worker request per prompt; all of them feed one queue, so a
-handler sees a single ordered stream of `ChoiceDelta` events. Leaving the iterator early (client gone,
+handler sees a single ordered sequence of `ChoiceDelta` events. Leaving the iterator early (client gone,
 stop string matched, error) cancels whatever is still running on the worker, which frees its sequences.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from router.api.metrics import Metrics
 from router.client.detokenizer import IncrementalDetokenizer, StopMatcher
-from router.client.dispatch import Dispatcher, RequestStream, WorkerFailure
+from router.client.dispatch import Dispatcher, Pending, WorkerFailure
 from shared.protocol import FINISH_STOP, FrameItem, SubmitRequest, TokenLogprob
 from shared.vocab import Vocab
 
@@ -66,23 +66,23 @@ class Generation:
     endpoint: str
     render_special: bool = False  # control tokens as text, for output parsers that need markers
     usage: Usage = field(default_factory=Usage)
-    _streams: list[RequestStream] = field(default_factory=list)
+    _pending: list[Pending] = field(default_factory=list)
     _queue: asyncio.Queue[FrameItem | WorkerFailure] = field(default_factory=asyncio.Queue)
 
     async def start(self) -> None:
         """Submits every prompt; raises WorkerFailure if no worker can take them."""
         try:
             for submit in self.submits:
-                stream = await self.dispatcher.submit(submit, self._queue)
-                self._streams.append(stream)
+                pending = await self.dispatcher.submit(submit, self._queue)
+                self._pending.append(pending)
                 self.usage.prompt_tokens += len(submit.prompt)
         except BaseException:
             await self.cancel()
             raise
 
     async def cancel(self) -> None:
-        for stream in self._streams:
-            await self.dispatcher.cancel(stream)
+        for pending in self._pending:
+            await self.dispatcher.cancel(pending)
 
     async def events(self) -> AsyncIterator[ChoiceDelta]:
         started = time.monotonic()
@@ -97,7 +97,7 @@ class Generation:
                     StopMatcher(self.stops),
                 )
         open_requests = {s.rid: s.n for s in self.submits}
-        streams = {s.rid: s for s in self._streams}
+        by_rid = {s.rid: s for s in self._pending}
         try:
             while open_requests:
                 item = await self._queue.get()
@@ -123,11 +123,11 @@ class Generation:
                     open_requests[item.rid] -= 1
                     if open_requests[item.rid] == 0:
                         del open_requests[item.rid]
-                        stream = streams[item.rid]
+                        pending = by_rid[item.rid]
                         if item.finish is None:  # stopped here (stop string): free the worker's sequences
-                            await self.dispatcher.cancel(stream)
+                            await self.dispatcher.cancel(pending)
                         else:
-                            self.dispatcher.finish(stream)
+                            self.dispatcher.finish(pending)
                 if delta.text or delta.token_ids or delta.finish_reason:
                     yield delta
         finally:

@@ -17,7 +17,7 @@ import msgpack
 import msgspec
 import pytest
 
-from router.client.dispatch import Dispatcher, RequestStream, WorkerFailure
+from router.client.dispatch import Dispatcher, Pending, WorkerFailure
 from shared import protocol
 from shared.config import parse_config
 from tests.unit.test_protocol import INFO
@@ -72,12 +72,12 @@ MALFORMED = [
 
 
 def test_malformed_worker_messages_are_dropped(dispatcher: Dispatcher) -> None:
-    stream = RequestStream("r", 0)
-    dispatcher.streams["r"] = stream
+    pending = Pending("r", 0)
+    dispatcher.pending["r"] = pending
     for payload in MALFORMED:
         dispatcher.receive(payload)
     assert not dispatcher.workers, "no malformed ready or stats registered a worker"
-    assert stream.queue.empty(), "nothing malformed reached the request"
+    assert pending.queue.empty(), "nothing malformed reached the request"
 
     # Valid messages still get through, typed.
     codec = protocol.worker_codec()
@@ -91,8 +91,8 @@ def test_malformed_worker_messages_are_dropped(dispatcher: Dispatcher) -> None:
     item = protocol.FrameItem("r", 0, [7], None, "stop", 0)
     dispatcher.receive(codec.encode(protocol.Frames([item])))
     dispatcher.receive(codec.encode(protocol.Error("r", 503, "unavailable", "draining")))
-    assert stream.queue.get_nowait() == item
-    failure = stream.queue.get_nowait()
+    assert pending.queue.get_nowait() == item
+    failure = pending.queue.get_nowait()
     assert isinstance(failure, WorkerFailure) and failure.status == 503
 
 
@@ -100,7 +100,7 @@ def test_a_bug_in_handling_is_contained(dispatcher: Dispatcher, caplog: pytest.L
     """Even a handler that raises (a full queue here) does not stop the reader that called `receive`."""
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
     queue.put_nowait("taken")
-    dispatcher.streams["r"] = RequestStream("r", 0, queue)
+    dispatcher.pending["r"] = Pending("r", 0, queue)
     codec = protocol.worker_codec()
     dispatcher.receive(codec.encode(protocol.Frames([protocol.FrameItem("r", 0, [7], None, None)])))
     assert "could not be handled" in caplog.text
