@@ -13,8 +13,8 @@ import itertools
 from collections import OrderedDict
 
 from shared.radix import RadixTree
-from worker.disk_cache import read_seq_state
 from worker.engine import LlamaEngine
+from worker.seq_state import read_seq_state
 
 
 class MemoryCheckpoints:

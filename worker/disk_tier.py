@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.config import DiskCacheOptions
-from worker.disk_cache import DiskSequenceCache, cache_fingerprint, read_seq_state
+from worker.disk_cache import DiskSequenceCache, cache_fingerprint
 from worker.engine import LlamaEngine
+from worker.seq_state import read_seq_state
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from shared.config import ModelOptions, WorkerOverride
 from shared.vocab import Vocab, init_backend
 from worker.batch import BatchBuffer
-from worker.disk_cache import restore_seq_state
+from worker.seq_state import restore_seq_state
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,8 @@ from worker.disk_cache import (
     DiskEntry,
     DiskSequenceCache,
     cache_fingerprint,
-    read_seq_state,
-    restore_seq_state,
 )
+from worker.seq_state import read_seq_state, restore_seq_state
 
 N_CTX = 512
 
