@@ -114,8 +114,8 @@ class EmbedInfo(msgspec.Struct, forbid_unknown_fields=True):
     normalize: bool = True
 
 
-class WorkerInfo(msgspec.Struct, forbid_unknown_fields=True):
-    """What the router needs to know about a worker's model (sent in `ready`)."""
+class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A worker's model and context sizes: the engine reports them, the router plans with them."""
 
     n_ctx: int
     n_ctx_seq: int
@@ -129,6 +129,11 @@ class WorkerInfo(msgspec.Struct, forbid_unknown_fields=True):
     recurrent: bool
     can_shift: bool
     description: str
+
+
+class WorkerInfo(ModelInfo, frozen=True, forbid_unknown_fields=True):
+    """What the router needs to know about a worker's model (sent in `ready`)."""
+
     embed: EmbedInfo = msgspec.field(default_factory=EmbedInfo)
 
 

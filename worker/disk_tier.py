@@ -9,8 +9,10 @@ loaded into the request's fresh slot and the rest of the prompt is prefilled as 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from shared.config import DiskCacheOptions
 from worker.disk_cache import DiskSequenceCache, cache_fingerprint
@@ -32,7 +34,7 @@ class DiskTier:
         self.engine = engine
         model = engine.options
         layout = {
-            **asdict(engine.info),
+            **msgspec.structs.asdict(engine.info),
             "type_k": model.type_k,
             "type_v": model.type_v,
             "swa_full": model.swa_full,

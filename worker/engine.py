@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.config import ModelOptions, WorkerOverride
+from shared.protocol import ModelInfo
 from shared.vocab import Vocab, init_backend
 from worker.batch import BatchBuffer
 from worker.seq_state import restore_seq_state
@@ -28,22 +28,8 @@ class EngineLoadError(RuntimeError):
     """The model or context could not be created with the configured parameters."""
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the router needs to know about a worker's model (sent in `ready` as protocol.WorkerInfo)."""
-
-    n_ctx: int
-    n_ctx_seq: int
-    n_seq_max: int
-    n_batch: int
-    n_vocab: int
-    n_ctx_train: int
-    embedding: bool
-    pooling_type: int
-    swa: bool
-    recurrent: bool
-    can_shift: bool
-    description: str
+# The engine's sizes are what the protocol's `ready` carries (plus the embedding service's limits).
+EngineInfo = ModelInfo
 
 
 def _kv_override_array(overrides: dict[str, bool | int | float | str]) -> Any:

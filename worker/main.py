@@ -15,10 +15,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
+import msgspec
 import zmq
 
 from shared import curve, protocol
@@ -157,7 +157,7 @@ class WorkerProcess:
 
     def _ready_message(self) -> bytes:
         """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
-        info = protocol.WorkerInfo(**asdict(self.engine.info), embed=self.embeddings.info())
+        info = protocol.WorkerInfo(**msgspec.structs.asdict(self.engine.info), embed=self.embeddings.info())
         return self.codec.encode(protocol.Ready(worker=self.index, pid=os.getpid(), info=info))
 
     def _announce_first(self) -> None:

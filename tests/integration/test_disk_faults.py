@@ -16,31 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.server import Server, model_config, run_server
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "the",
-    "lazy",
-    "dog",
-    "and",
-    "then",
-    "it",
-    "runs",
-    "far",
-    "away",
-    "into",
-    "the",
-    "woods",
-]
-
-
-def _prompt(salt: int) -> str:
-    return " ".join(WORDS[(i * 7 + salt) % len(WORDS)] for i in range(80))
+from tests.integration.test_prefix_cache import long_text
 
 
 @contextlib.contextmanager
@@ -72,7 +48,7 @@ def _generate(server: Server, salt: int) -> None:
     with server.http() as http:
         reply = http.post(
             "/v1/completions",
-            json={"prompt": _prompt(salt), "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+            json={"prompt": long_text(80, salt), "max_tokens": 4, "temperature": 0, "ignore_eos": True},
         )
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 4
