@@ -99,15 +99,20 @@ def schema_grammar(
     """A grammar for JSON documents valid under `schema`; 400 naming the pointer it cannot express."""
     check_schema_size(schema, param)
     builder = GrammarBuilder(max_ws=max_ws)
+    name = schema_rule(builder, schema, "json", param)
+    return after_reasoning(builder, name, reasoning_end)
+
+
+def schema_rule(builder: GrammarBuilder, schema: Any, prefix: str, param: str) -> str:
+    """`add_schema` (strict), with what it cannot convert answered as a 400 naming `param`."""
     try:
-        name = add_schema(builder, schema, "json", strict=True)
+        return add_schema(builder, schema, prefix, strict=True)
     except UnsupportedSchemaError as error:
         raise APIError(
             400, f"{param} is not supported: {error.pointer}: {error.reason}", param=param
         ) from error
     except (ValueError, RecursionError) as error:
         raise APIError(400, f"{param} cannot be converted to a grammar: {error}", param=param) from error
-    return after_reasoning(builder, name, reasoning_end)
 
 
 def json_object_grammar(*, reasoning_end: str | None = None, max_ws: int = 2) -> GrammarPlan:

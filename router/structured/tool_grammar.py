@@ -22,7 +22,13 @@ from typing import Any
 
 from router.api.errors import APIError
 from router.structured import GrammarBuilder, UnsupportedSchemaError, add_schema
-from router.structured.response_format import GrammarPlan, check_schema_size, escape_trigger, gbnf_string
+from router.structured.response_format import (
+    GrammarPlan,
+    check_schema_size,
+    escape_trigger,
+    gbnf_string,
+    schema_rule,
+)
 
 MAX_PARALLEL_CALLS = 8  # calls one constrained answer may hold: bounded so a small model cannot loop
 _GAP = "[ \\t\\n]{0,4}"  # blanks allowed between calls and around the reasoning end
@@ -137,14 +143,7 @@ def _arguments_rule(builder: GrammarBuilder, function: Mapping[str, Any], param:
     parameters = function.get("parameters")
     if parameters is None:
         return '"{" ws "}"'
-    try:
-        return add_schema(builder, parameters, f"args-{function['name']}", strict=True)
-    except UnsupportedSchemaError as error:
-        raise APIError(
-            400, f"{param} is not supported: {error.pointer}: {error.reason}", param=param
-        ) from error
-    except (ValueError, RecursionError) as error:
-        raise APIError(400, f"{param} cannot be converted to a grammar: {error}", param=param) from error
+    return schema_rule(builder, parameters, f"args-{function['name']}", param)
 
 
 def _xml_value(builder: GrammarBuilder, schema: Any, hint: str, param: str) -> str:
