@@ -170,6 +170,21 @@ def model_config(model_path: Path, **overrides: Any) -> dict[str, Any]:
     return model
 
 
+def start_apart(
+    config: dict[str, Any], folder: Path
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """`llamafleet worker` (index 0) and `llamafleet router` as two processes on one config written into
+    `folder`, as systemd runs them; the worker may start first (ZeroMQ connects once the router binds).
+    The caller stops both."""
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+    command = [sys.executable, "-m", "shared.cli"]
+    worker = subprocess.Popen([*command, "worker", "-C", str(path), "--index", "0"], cwd=REPO, env=env)
+    router = subprocess.Popen([*command, "router", "-C", str(path)], cwd=REPO, env=env)
+    return worker, router
+
+
 @contextlib.contextmanager
 def run_server(
     model: dict[str, Any],

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 from shared.config import FromPretrainedOptions
 from shared.curve import write_keys
 from shared.models import ModelSourceError, resolve_from_pretrained
-from tests.integration.server import REPO, free_port, model_config, run_server
+from tests.integration.server import free_port, model_config, run_server, start_apart
 
 
 def fill_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
@@ -118,13 +115,7 @@ def test_router_and_worker_as_separate_processes_over_tcp(tmp_path: Path, tiny_l
             "keys_dir": str(tmp_path / "keys"),
         },
     }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
-    command = [sys.executable, "-m", "shared.cli"]
-    # The worker may start first: ZeroMQ connects once the router binds.
-    worker = subprocess.Popen([*command, "worker", "-C", str(path), "--index", "0"], cwd=REPO, env=env)
-    router = subprocess.Popen([*command, "router", "-C", str(path)], cwd=REPO, env=env)
+    worker, router = start_apart(config, tmp_path)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.server import REPO, Server, free_port, model_config, pid_alive, run_server
+from tests.integration.server import Server, free_port, model_config, pid_alive, run_server, start_apart
 
 LONG_CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 30000, "ignore_eos": True}
 
@@ -142,12 +141,7 @@ def test_revived_worker_drops_requests_the_router_gave_up(tmp_path: Path, tiny_l
             "results_endpoint": f"ipc://{tmp_path}/res.sock",
         },
     }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
-    command = [sys.executable, "-m", "shared.cli"]
-    worker = subprocess.Popen([*command, "worker", "-C", str(path), "--index", "0"], cwd=REPO, env=env)
-    router = subprocess.Popen([*command, "router", "-C", str(path)], cwd=REPO, env=env)
+    worker, router = start_apart(config, tmp_path)
     base = f"http://127.0.0.1:{port}"
 
     def metric(name: str) -> float | None:
