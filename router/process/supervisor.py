@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class Supervisor:
         self._tasks.append(asyncio.create_task(self._read_link(reader), name="supervisor-link"))
         log.info("started router (pid %d)", child.process.pid)
 
-    async def _watch(self, child: Child, respawn: Any) -> None:
+    async def _watch(self, child: Child, respawn: Callable[[], Awaitable[None]]) -> None:
         """Waits for the child to exit and restarts it after its back-off, until the supervisor stops."""
         while not self._stopping:
             assert child.process is not None
