@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ctypes
 import logging
 import os
@@ -209,7 +210,9 @@ class Supervisor:
         for index in self.workers:
             await self._spawn_worker(index)
             self._tasks.append(
-                asyncio.create_task(self._watch(self.workers[index], lambda i=index: self._spawn_worker(i)))
+                asyncio.create_task(
+                    self._watch(self.workers[index], functools.partial(self._spawn_worker, index))
+                )
             )
         ready = await self._wait_ready()
         if not ready and self._fatal is None and not self._stop.is_set():
