@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ctypes
+import functools
 import logging
 import os
 import signal
