@@ -107,6 +107,20 @@ class MTMDOptions(BaseModel):
     audio_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     video_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     image_timeout_seconds: float = Field(default=10.0, gt=0.0)
+    # Images whose header claims more pixels than this are refused before decoding (llamafleet; not in the
+    # seed).
+    image_max_pixels: int = Field(default=32 * 1024 * 1024, ge=1)
+    # RISK: true lets media URLs reach loopback, private, link-local and cloud-metadata addresses (SSRF).
+    # Only for tests and closed networks; see README "Media input safety" (llamafleet; not in the seed).
+    allow_private_media_addresses: bool = False
+
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _exact_hosts(cls, value: list[str] | None) -> list[str] | None:
+        for host in value or []:
+            if not host.strip() or any(c in host for c in "*/:@ ") or host.strip(".") == "":
+                raise ValueError(f"allowed_media_domains entries are exact host names, not {host!r}")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> MTMDOptions:
