@@ -64,6 +64,17 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     logit_bias: list[tuple[int, float]] = msgspec.field(default_factory=list)
 
 
+class MediaInput(msgspec.Struct, frozen=True):
+    """One image or audio item of a prompt: its bytes go before prompt token `position` (the worker
+    expands it into the projector's tokens there). `sha256` (hex) keys the prefix and embedding caches."""
+
+    kind: str  # "image" or "audio"
+    data: bytes
+    sha256: str
+    position: int
+    part: str = ""  # the request field it came from, named in errors
+
+
 class SubmitRequest(_Message, tag="submit"):
     """A generation request: one prompt, `n` parallel choices sharing its KV."""
 
@@ -79,6 +90,8 @@ class SubmitRequest(_Message, tag="submit"):
     # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
     # see worker/sampling.py).
     grammar_triggers: list[str] = msgspec.field(default_factory=list)
+    # Image and audio items, in prompt order (needs a worker with a projector, model.mtmd).
+    media: list[MediaInput] = msgspec.field(default_factory=list)
 
 
 class Cancel(_Message, tag="cancel"):
@@ -204,6 +217,9 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's last item only: its prompt tokens served from a prefix cache (the router counts
     # prompt and completion tokens itself).
     cached_tokens: int | None = None
+    # Set on a request's last item when it had media: the prompt tokens the media added (the router
+    # counts only the text tokens it sent).
+    media_tokens: int | None = None
 
 
 class Frames(_Message, tag="frames"):

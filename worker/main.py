@@ -28,6 +28,7 @@ from shared.models import resolve_model_path
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
+from worker.media_setup import load_media, submit_with_media
 from worker.runner import build_scheduler
 from worker.scheduler import RequestRejected
 
@@ -124,7 +125,6 @@ class WorkerProcess:
         for field, present in (
             ("model.loras", bool(model.loras)),
             ("model.draft_model", model.draft_model is not None),
-            ("model.mtmd", model.mtmd is not None),
         ):
             if present:
                 log.warning("%s is not supported by this version of llamafleet and is ignored", field)
@@ -140,7 +140,8 @@ class WorkerProcess:
                 disk = DiskTier(self.engine, self.config.disk_cache, model_path)
             except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
                 log.warning("disk cache disabled: %s", error)
-        self.scheduler = build_scheduler(self.engine, disk=disk)
+        self.media = load_media(self.config.model, self.engine, override)
+        self.scheduler = build_scheduler(self.engine, disk=disk, media=self.media)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         try:
@@ -150,6 +151,8 @@ class WorkerProcess:
             self.heartbeat.stop()
             self.embeddings.close()
             self.scheduler.close()
+            if self.media is not None:
+                self.media.close()
             self.engine.close()
             self.requests.close()
             self.results.close()
@@ -236,7 +239,7 @@ class WorkerProcess:
                 self.send(protocol.Error(rid, 400, "invalid_request_error", _EMBED_ONLY))
                 return
             try:
-                self.scheduler.submit(message)
+                submit_with_media(self.scheduler, self.media, message, self.engine.info.n_ctx_seq)
             except RequestRejected as error:
                 self.send(protocol.Error(rid, error.status, error.kind, str(error)))
         elif isinstance(message, protocol.EmbedRequest):

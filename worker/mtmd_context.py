@@ -133,7 +133,9 @@ class MtmdContext:
         piece = MediaPiece(kind, before, after, n_tokens, non_causal, media)
         if non_causal and n_tokens > self.n_ubatch:
             piece.close()
-            raise MediaError(f"the {kind} needs {n_tokens} tokens in one micro-batch; n_ubatch is {self.n_ubatch}")
+            raise MediaError(
+                f"the {kind} needs {n_tokens} tokens in one micro-batch; n_ubatch is {self.n_ubatch}"
+            )
         return piece
 
     def encode(self, piece: MediaPiece, n_embd: int) -> npt.NDArray[np.float32]:
@@ -146,7 +148,9 @@ class MtmdContext:
         pointer = mtmd_cpp.mtmd_get_output_embd(self.ctx)
         if not pointer:
             raise MediaError(f"the projector returned no embeddings for the {piece.kind}")
-        array = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(piece.n_tokens * n_embd,))
+        array = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(piece.n_tokens * n_embd,)
+        )
         return array.reshape(piece.n_tokens, n_embd).copy()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import cast
 
 import llama_cpp
 import numpy as np
@@ -21,6 +22,8 @@ from worker.checkpoints import MemoryCheckpoints
 from worker.disk_tier import DiskTier
 from worker.engine import EngineInfo, LlamaEngine
 from worker.faults import FaultInjector
+from worker.media import MediaEncoder, MediaSpan
+from worker.media_decode import decode_media
 from worker.sampling import SamplerChain, token_logprob
 from worker.scheduler import Scheduler
 from worker.step import Failure, Sampler, SeqResult, SeqWork, StepOutput, StepPlan
@@ -31,8 +34,11 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     """The scheduler's `Runner` on a real LlamaEngine."""
 
-    def __init__(self, engine: LlamaEngine, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, engine: LlamaEngine, faults: FaultInjector | None = None, media: MediaEncoder | None = None
+    ) -> None:
         self.engine = engine
+        self.media = media
         self.faults = faults or FaultInjector()
         self._eog = engine.vocab.eog_ids
         self._get_logits = llama_cpp.llama_get_logits
@@ -92,20 +98,34 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         output = StepOutput()
+        work = plan.work
+        if plan.media:  # media spans first, each in a decode of its own (worker/media_decode.py)
+            # (sequence id, MediaSpan) pairs: worker/scheduler.py plans them
+            spans: dict[int, MediaSpan] = dict(cast("list[tuple[int, MediaSpan]]", plan.media))
+            work = [item for item in plan.work if item.seq_id not in spans]
+            for item in plan.work:
+                span = spans.get(item.seq_id)
+                if span is not None and self.media is not None:
+                    failure = decode_media(self.engine.ctx, self.media, item, span)
+                    if failure is not None:
+                        self.engine.seq_rm(item.seq_id, item.position, -1)
+                        output.failures[item.seq_id] = failure
+            if not work:
+                return output
         groups: dict[str, list[SeqWork]] = {}
-        for item in plan.work:
+        for item in work:
             groups.setdefault(item.rid, []).append(item)
         injected = (
             {rid for rid in groups if self.faults.triggered("decode", rid)} if self.faults.rules else set()
         )
-        rows = self._fill(plan.work)
+        rows = self._fill(work)
         status = 1 if injected else self.engine.decode(self.engine.batch.size)
         if status == 0:
-            self._after_decode(plan.work, rows, output)
+            self._after_decode(work, rows, output)
             return output
         output.decode_failures += 1
         log.warning("llama_decode failed (status %d) for a batch of %d requests", status, len(groups))
-        for item in plan.work:
+        for item in work:
             self.engine.seq_rm(item.seq_id, item.position, -1)
         for rid, items in groups.items():  # one request at a time: only the bad one fails
             if rid not in injected:
@@ -174,11 +194,14 @@ class ModelRunner:
 
 
 def build_scheduler(
-    engine: LlamaEngine, faults: FaultInjector | None = None, disk: DiskTier | None = None
+    engine: LlamaEngine,
+    faults: FaultInjector | None = None,
+    disk: DiskTier | None = None,
+    media: MediaEncoder | None = None,
 ) -> Scheduler:
     """A scheduler on a ModelRunner for `engine`, with memory checkpoints when its memory cannot be
     truncated (recurrent / hybrid models) and the disk tier when one is given."""
-    runner = ModelRunner(engine, faults)
+    runner = ModelRunner(engine, faults, media)
     checkpoints = None
     if engine.options.prefix_cache and engine.info.recurrent:
         checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)

@@ -30,6 +30,7 @@ from shared.protocol import (
     WorkerStats,
 )
 from worker.faults import FaultInjector
+from worker.media import plan_take
 from worker.slots import ReusePlan, SlotTable
 from worker.step import (
     PrefixTier,
@@ -46,6 +47,7 @@ from worker.step import (
 if TYPE_CHECKING:
     from worker.checkpoints import MemoryCheckpoints
     from worker.disk_tier import DiskTier
+    from worker.media import MediaSpan, RequestMedia
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,12 @@ class ActiveRequest:
     stop_ids: frozenset[int]
     sequences: list[Sequence] = field(default_factory=list)
     cached_tokens: int = 0
+    media: RequestMedia | None = None  # image / audio spans in the prompt (worker/media.py)
+
+    @property
+    def has_media(self) -> bool:
+        """Speculative decoding skips requests with media."""
+        return self.media is not None
 
     @property
     def prompt_list(self) -> list[int]:
@@ -178,8 +186,9 @@ class Scheduler:
             return len(submit.prompt) + submit.n * submit.max_tokens
         return submit.n * (len(submit.prompt) + submit.max_tokens)
 
-    def submit(self, submit: SubmitRequest) -> None:
-        """Queues a request; raises RequestRejected for one that could never run."""
+    def submit(self, submit: SubmitRequest, media: RequestMedia | None = None) -> None:
+        """Queues a request (its prompt already expanded with `media`); raises RequestRejected for one
+        that could never run."""
         self._check(submit)
         if submit.rid in self.running or any(r.submit.rid == submit.rid for r in self.waiting):
             raise RequestRejected(f"duplicate request id {submit.rid}")
@@ -189,6 +198,7 @@ class Scheduler:
             prompt=np.asarray(submit.prompt, dtype=np.int32),
             reserved_cells=self._cells_needed(submit),
             stop_ids=stop_ids,
+            media=media,
         )
         self.waiting.append(request)
 
@@ -197,6 +207,8 @@ class Scheduler:
         for request in self.waiting:
             if request.submit.rid == rid:
                 self.waiting.remove(request)
+                if request.media is not None:
+                    request.media.close()
                 return True
         running = self.running.get(rid)
         if running is None:
@@ -263,6 +275,11 @@ class Scheduler:
                 seq.n_past = plan.length
                 for tier in self.tiers:  # checkpoints or the disk may hold a longer prefix
                     seq.n_past = tier.restore(seq.seq_id, request.prompt_list, seq.n_past)
+                if request.media is not None:  # never reuse part of an image
+                    reused = request.media.clamp_reuse(seq.n_past)
+                    if reused < seq.n_past:
+                        self.runner.seq_rm(seq.seq_id, reused, -1)
+                        seq.n_past = reused
             else:
                 seq.seq_id = self.slots.acquire_empty(seq)
             request.sequences.append(seq)
@@ -282,6 +299,8 @@ class Scheduler:
     def _release(self, request: ActiveRequest, keep_kv: bool = True) -> None:
         for seq in request.sequences:
             self._finish_sequence(seq, keep_kv)
+        if request.media is not None:
+            request.media.close()
         if self.running.pop(request.submit.rid, None) is not None:
             self.reserved -= request.reserved_cells
 
@@ -316,6 +335,7 @@ class Scheduler:
         )
         budget = self.n_batch - len(decoding)
         work: list[SeqWork] = []
+        media: list[tuple[int, MediaSpan]] = []
         for seq in decoding:
             planned[seq.seq_id] = seq
             sample = SampleTask(seq.seq_id, seq.sampler, seq.request.submit.logprobs)
@@ -326,8 +346,15 @@ class Scheduler:
             if not request.prefilling or budget <= 0:
                 continue
             leader = request.leader
-            take = min(len(request.prompt) - leader.n_past, budget)
-            budget -= take
+            take, span = plan_take(
+                request.media, leader.n_past, min(len(request.prompt) - leader.n_past, budget)
+            )
+            if span is not None:  # decoded in a llama_decode of its own: one media span per step
+                if media:
+                    continue
+                media.append((leader.seq_id, span))
+            else:
+                budget -= take
             chunk = request.prompt[leader.n_past : leader.n_past + take]
             item = SeqWork(request.submit.rid, leader.seq_id, chunk, leader.n_past, 0)
             if leader.n_past + take == len(request.prompt):  # the last chunk: every choice samples from it
@@ -343,7 +370,7 @@ class Scheduler:
         # Rows go in sequence-id order: with per-sequence KV streams llama.cpp only batches consecutive
         # ids into one ubatch, so this keeps a decode step to as few ubatches as the ids allow.
         work.sort(key=lambda item: item.seq_id)
-        return StepPlan(work)
+        return StepPlan(work, media=list(media))
 
     def commit(self, plan: StepPlan, output: StepOutput) -> StepResult:
         """Fails the requests the runner reports failed, advances positions, saves finished prompts to the
@@ -403,13 +430,16 @@ class Scheduler:
             if seq.generated >= submit.max_tokens or seq.n_past + len(tokens) >= self.n_ctx_seq:
                 finish = FINISH_LENGTH
                 break
-        cached_tokens = None  # set on the request's last item
+        cached_tokens = media_tokens = None  # set on the request's last item
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
                 cached_tokens = request.cached_tokens
+                media_tokens = request.media.added_tokens if request.media is not None else None
                 self._release(request)
-        items.append(FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens))
+        items.append(
+            FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens, media_tokens)
+        )
 
     def _refresh_stats(self) -> None:
         stats = self.stats

@@ -118,6 +118,8 @@ class Generation:
                 delta = self._delta(choice, item)
                 if item.cached_tokens is not None:
                     self.usage.cached_tokens += item.cached_tokens
+                if item.media_tokens is not None:
+                    self.usage.prompt_tokens += item.media_tokens
                 if delta.finish_reason is not None:
                     choice.finished = True
                     open_requests[item.rid] -= 1

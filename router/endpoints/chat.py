@@ -20,6 +20,7 @@ from router.endpoints.chat_format import chat_deltas, chat_message
 from router.openai.requests import ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
 from router.preprocess.chat_plan import ChatPlan, chat_generation, template_messages
+from router.preprocess.media_parts import PromptMedia, load_media
 from router.state import ServerState
 
 
@@ -46,7 +47,7 @@ def _token_logprobs(state: ServerState, delta: ChoiceDelta) -> list[dict[str, An
 
 
 def _build_generation(
-    state: ServerState, body: ChatCompletionRequest, http: Request
+    state: ServerState, body: ChatCompletionRequest, http: Request, media: PromptMedia | None
 ) -> tuple[Generation, ChatPlan]:
     return chat_generation(
         state,
@@ -55,13 +56,15 @@ def _build_generation(
         endpoint="chat",
         output_limit=body.output_limit,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        media=media,
     )
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http: Request) -> Any:
     state.check_model(body.model)
     with state.admission.reserve(body.n, "n"):
-        generation, plan = await state.preparer.run(_build_generation, state, body, http)
+        media = await load_media(state, body.messages)
+        generation, plan = await state.preparer.run(_build_generation, state, body, http, media)
         await generation.start()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -24,6 +24,7 @@ from router.client.generation import Generation, Usage
 from router.openai.requests import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
 from router.preprocess.chat_plan import ChatPlan, RequestFields, chat_generation
+from router.preprocess.media_parts import load_media
 from router.state import ServerState
 from shared.vocab import TokenizerError
 
@@ -138,6 +139,26 @@ def _parts_text(content: Any, param: str, has_projector: bool) -> str:
     return "".join(texts)
 
 
+_LOADED_MEDIA = frozenset({"input_image", "input_audio", "image_url"})
+
+
+def _message_content(content: Any, param: str, has_projector: bool) -> str | list[dict[str, Any]]:
+    """A message's content: text, or (with a projector) chat content parts keeping the media parts,
+    which router/preprocess/media_parts.py loads."""
+    if not (has_projector and isinstance(content, list)):
+        return _parts_text(content, param, has_projector)
+    kinds = [part.get("type") if isinstance(part, dict) else None for part in content]
+    if not any(kind in _LOADED_MEDIA for kind in kinds):
+        return _parts_text(content, param, has_projector)
+    parts: list[dict[str, Any]] = []
+    for j, (part, kind) in enumerate(zip(content, kinds, strict=True)):
+        if kind in _LOADED_MEDIA:
+            parts.append(dict(part))
+        else:
+            parts.append({"type": "text", "text": _parts_text([part], f"{param}[{j}]", has_projector)})
+    return parts
+
+
 def _reasoning_text(item: dict[str, Any], param: str) -> str:
     content = item.get("content")
     if isinstance(content, list) and content:
@@ -208,7 +229,12 @@ class _Conversation:
         role = item.get("role", "user")
         if role not in _MESSAGE_ROLES:
             raise APIError(400, f"{param}.role {role!r} is not one of {sorted(_MESSAGE_ROLES)}", param=param)
-        text = _parts_text(item.get("content", ""), f"{param}.content", self.has_projector)
+        content, where = item.get("content", ""), f"{param}.content"
+        text: Any = (
+            _parts_text(content, where, self.has_projector)
+            if role == "assistant"
+            else _message_content(content, where, self.has_projector)
+        )
         if role == "assistant":
             turn = self._assistant_turn(for_content=True)
             if turn is not None:
@@ -509,8 +535,10 @@ async def start_response(
 ) -> PreparedResponse:
     """Plans the prompt and grammar as chat does and submits the generation to a worker."""
 
+    chat = await state.preparer.run(to_chat_request, body, state.config.model.mtmd is not None)
+    media = await load_media(state, chat.messages)
+
     def prepare() -> tuple[ChatCompletionRequest, Generation, ChatPlan]:  # on a pool thread: see offload.py
-        chat = to_chat_request(body, has_projector=state.config.model.mtmd is not None)
         generation, plan = chat_generation(
             state,
             chat,
@@ -518,6 +546,7 @@ async def start_response(
             endpoint="responses",
             output_limit=chat.output_limit if generate else 1,
             fields=RESPONSES_FIELDS,
+            media=media,
         )
         return chat, generation, plan
 

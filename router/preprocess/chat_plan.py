@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.api.errors import APIError
 from router.client.generation import Generation
@@ -20,6 +20,10 @@ from router.preprocess.tool_prompts import default_protocol, hf_messages, templa
 from router.state import ServerState, make_submit
 from router.structured.response_format import GrammarPlan, structured_grammar
 from router.structured.tool_grammar import HERMES, detect_format, tool_grammar
+from shared.protocol import MediaInput
+
+if TYPE_CHECKING:
+    from router.preprocess.media_parts import PromptMedia
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,20 @@ REASONING_OPEN = "<think>"
 REASONING_CLOSE = "</think>"
 
 
-def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str | None:
-    """Flattens OpenAI content parts to text; media parts need a multimodal model."""
+def _text_of(
+    content: str | list[dict[str, Any]] | None, index: int, media: PromptMedia | None = None
+) -> str | None:
+    """Flattens OpenAI content parts to text; media parts (loaded into `media`) become placeholders, and
+    need a multimodal model."""
     if content is None or isinstance(content, str):
         return content
     texts: list[str] = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part.get("type")
         if kind in ("text", "input_text"):
             texts.append(str(part.get("text", "")))
+        elif media is not None and (index, j) in media.blobs:
+            texts.append(media.marker(index, j))
         elif kind in ("image_url", "input_image", "input_audio", "audio_url", "video_url"):
             raise APIError(
                 400,
@@ -58,11 +67,11 @@ def _text_of(content: str | list[dict[str, Any]] | None, index: int) -> str | No
     return "".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage], media: PromptMedia | None = None) -> list[dict[str, Any]]:
     """Messages as the Hugging Face chat-template convention expects them."""
     rendered: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
-        item: dict[str, Any] = {"role": message.role, "content": _text_of(message.content, index)}
+        item: dict[str, Any] = {"role": message.role, "content": _text_of(message.content, index, media)}
         if message.name:
             item["name"] = message.name
         if message.tool_call_id:
@@ -106,14 +115,17 @@ def _generation_prompt(
 
 
 def plan_chat(
-    state: ServerState, body: ChatCompletionRequest, fields: RequestFields = CHAT_FIELDS
+    state: ServerState,
+    body: ChatCompletionRequest,
+    fields: RequestFields = CHAT_FIELDS,
+    media: PromptMedia | None = None,
 ) -> ChatPlan:
     choice = tool_choice_of(body)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else []
     extra = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort is not None:
         extra.setdefault("reasoning_effort", body.reasoning_effort)
-    messages = hf_messages(template_messages(body.messages))
+    messages = hf_messages(template_messages(body.messages, media))
     source = state.template.source if state.template is not None else ""
     response_schema = state.config.model.response_schema
     if template_knows_tools(source):
@@ -180,13 +192,18 @@ def chat_generation(
     output_limit: int | None,
     logprobs: int | None = None,
     fields: RequestFields = CHAT_FIELDS,
+    media: PromptMedia | None = None,
 ) -> tuple[Generation, ChatPlan]:
     """Plans a chat request (template, grammar, parsers) and builds its generation, not yet submitted.
 
     Chat completions and the Responses API both answer through this, so tools, grammars and reasoning
     behave the same in both; errors name the fields as the client's request calls them (`fields`)."""
-    plan = plan_chat(state, body, fields)
-    tokens = state.tokenize_prompt(plan.prompt)
+    plan = plan_chat(state, body, fields, media)
+    media_inputs: list[MediaInput] = []
+    if media is not None:
+        tokens, media_inputs = media.tokenize(state, plan.prompt)
+    else:
+        tokens = state.tokenize_prompt(plan.prompt)
     budget = state.output_budget(
         len(tokens), output_limit, body.n, prompt_param=fields.messages, limit_param=fields.max_tokens
     )
@@ -203,6 +220,7 @@ def chat_generation(
         grammar.triggers if grammar else None,
         fields.response_format,
     )
+    submit.media = media_inputs
     generation = Generation(
         state.dispatcher,
         state.vocab,

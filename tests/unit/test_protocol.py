@@ -58,6 +58,12 @@ ROUTER_MESSAGES: list[protocol.RouterMessage] = [
         grammar_triggers=["<tool>"],
     ),
     SubmitRequest("r-2", [4], 1),
+    SubmitRequest(
+        "r-3",
+        [4, 5],
+        1,
+        media=[protocol.MediaInput("image", b"\x89PNG", "ab" * 32, 1, "messages[0].content[0]")],
+    ),
     Cancel("r-1"),
     EmbedRequest("e-1", [[1, 2], [3]], normalize=False),
     Hello(["r-1", "e-1"]),
@@ -98,7 +104,7 @@ def test_envelope_and_positional_frame_items() -> None:
     version, body = msgpack.unpackb(payload, raw=False)
     assert version == protocol.PROTOCOL_VERSION and body["t"] == "frames"
     # Items (and their logprobs) travel as arrays, not maps: the hot path stays small.
-    assert body["items"][0] == ["a", 0, [5], [[-0.1, [[5, -0.1], [6, -2.0]]]], None, None]
+    assert body["items"][0] == ["a", 0, [5], [[-0.1, [[5, -0.1], [6, -2.0]]]], None, None, None]
     assert set(body) == {"t", "items"}  # no unread `step`
 
 

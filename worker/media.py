@@ -1,0 +1,156 @@
+"""Media in a generation request: expand each item into prompt tokens, and embed it when its turn comes.
+
+At submit, every `MediaInput` is tokenized by mtmd (worker/mtmd_context.py) and spliced into the prompt:
+the text tokens the projector wants around it, plus one *placeholder* token per media embedding. The
+placeholders are derived from the media's SHA-256 (token i of a span is a hash of the digest and i), so
+the prefix cache, which compares prompt tokens, matches a turn-two prompt that carries the same image
+and never one that carries a different image; a match that ends inside a span is cut back to the span's
+start (`clamp_reuse`), so a partial image is never reused. The placeholders never reach llama.cpp as
+tokens: when the scheduler plans a span it plans the whole span as one work item, and the runner decodes
+the span's embeddings (from the embedding cache, or encoded now) in a llama_decode of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.protocol import SubmitRequest
+from worker.embedding_cache import EmbeddingCache
+from worker.mtmd_context import MediaError, MediaPiece, MtmdContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MediaSpan:
+    """One media item's embeddings at prompt positions [start, start + piece.n_tokens)."""
+
+    start: int
+    sha256: str
+    piece: MediaPiece
+
+    @property
+    def end(self) -> int:
+        return self.start + self.piece.n_tokens
+
+
+@dataclass
+class RequestMedia:
+    spans: list[MediaSpan] = field(default_factory=list)
+    added_tokens: int = 0  # prompt tokens beyond the text tokens the router sent
+
+    def span_at(self, position: int) -> MediaSpan | None:
+        """The span that starts at `position`."""
+        return next((s for s in self.spans if s.start == position), None)
+
+    def next_start(self, position: int) -> int | None:
+        """The first span start at or after `position`."""
+        return next((s.start for s in self.spans if s.start >= position), None)
+
+    def clamp_reuse(self, length: int) -> int:
+        """A reusable prefix length cut back so that it never ends inside a span."""
+        for span in self.spans:
+            if span.start < length < span.end:
+                return span.start
+        return length
+
+    def close(self) -> None:
+        for span in self.spans:
+            span.piece.close()
+
+
+def placeholders(sha256: str, count: int, n_vocab: int) -> list[int]:
+    """`count` token ids in [0, n_vocab) derived from the media hash (see the module docstring)."""
+    out: list[int] = []
+    seed = bytes.fromhex(sha256)
+    index = 0
+    while len(out) < count:
+        block = hashlib.sha256(seed + index.to_bytes(4, "little")).digest()
+        out.extend(int.from_bytes(block[i : i + 4], "little") % n_vocab for i in range(0, 32, 4))
+        index += 1
+    return out[:count]
+
+
+class MediaEncoder:
+    """The worker's media service: expands requests at submit, returns embeddings for the runner."""
+
+    def __init__(self, mtmd: MtmdContext, n_embd: int, n_vocab: int, cache: EmbeddingCache | None) -> None:
+        self.mtmd = mtmd
+        self.n_embd = n_embd
+        self.n_vocab = n_vocab
+        self.cache = cache
+        self.encoded = 0  # projector runs (cache misses), for tests and stats
+        self.cache_hits = 0
+
+    def expand(self, submit: SubmitRequest) -> RequestMedia:
+        """Rewrites `submit.prompt` with every media item spliced in; raises MediaError naming the part."""
+        media = RequestMedia()
+        prompt = submit.prompt
+        out: list[int] = []
+        cursor = 0
+        try:
+            for item in sorted(submit.media, key=lambda m: m.position):
+                if not 0 <= item.position <= len(prompt):
+                    raise MediaError(
+                        f"{item.part or 'media'}: position {item.position} is outside the prompt"
+                    )
+                out.extend(prompt[cursor : item.position])
+                cursor = item.position
+                try:
+                    piece = self.mtmd.piece(item.kind, item.data, item.sha256)
+                except MediaError as error:
+                    raise MediaError(f"{item.part or item.kind}: {error}") from error
+                out.extend(piece.before)
+                media.spans.append(MediaSpan(len(out), item.sha256, piece))
+                out.extend(placeholders(item.sha256, piece.n_tokens, self.n_vocab))
+                out.extend(piece.after)
+            out.extend(prompt[cursor:])
+        except MediaError:
+            media.close()
+            raise
+        if media.spans and media.spans[-1].end == len(out):
+            media.close()
+            raise MediaError("the prompt cannot end with a media item (no text after it to answer from)")
+        media.added_tokens = len(out) - len(prompt)
+        submit.prompt = out
+        return media
+
+    def embeddings(self, span: MediaSpan) -> npt.NDArray[np.float32]:
+        """The span's embeddings: from the cache when it holds them, else encoded (and stored)."""
+        key = f"{span.sha256}-{self.mtmd.identity[:16]}"
+        if self.cache is not None:
+            cached = self.cache.get(key, span.piece.n_tokens, self.n_embd)
+            if cached is not None:
+                self.cache_hits += 1
+                log.info("%s %s: embeddings from the cache", span.piece.kind, span.sha256[:12])
+                return cached
+        array = self.mtmd.encode(span.piece, self.n_embd)
+        self.encoded += 1
+        log.info(
+            "%s %s: embeddings encoded (%d tokens)", span.piece.kind, span.sha256[:12], span.piece.n_tokens
+        )
+        if self.cache is not None:
+            self.cache.put(key, array)
+        return array
+
+    def close(self) -> None:
+        self.mtmd.close()
+
+
+def plan_take(media: RequestMedia | None, n_past: int, take: int) -> tuple[int, MediaSpan | None]:
+    """How many prompt tokens a prefill chunk at `n_past` takes: a whole span when one starts there
+    (returned with it), else text up to the next span at most."""
+    if media is None:
+        return take, None
+    span = media.span_at(n_past)
+    if span is not None:
+        return span.piece.n_tokens, span
+    following = media.next_start(n_past)
+    if following is not None:
+        take = min(take, following - n_past)
+    return take, None

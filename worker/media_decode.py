@@ -1,0 +1,56 @@
+"""Decoding one media span's embeddings into a sequence's KV, as part of an engine step.
+
+llama.cpp's batch carries either token ids or embeddings, never both, so a media span gets a llama_decode
+of its own in the step that plans it (the step's text rows, other sequences' decode rows included, follow
+in the usual batch). The span goes in whole: gemma3's images attend to each other non-causally, which
+llama.cpp computes only within one micro-batch (worker/mtmd_context.py refuses spans over n_ubatch), so
+an image is not split like a long prompt. Its cost in a step is the projector run (skipped on an
+embedding-cache hit) plus one decode of its tokens; bench/media.py measures it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from worker.media import MediaEncoder, MediaSpan
+from worker.mtmd_context import MediaError
+from worker.step import Failure, SeqWork
+
+log = logging.getLogger(__name__)
+
+
+def decode_media(ctx: Any, encoder: MediaEncoder, item: SeqWork, span: MediaSpan) -> Failure | None:
+    """Encodes (or fetches) the span's embeddings and decodes them at the item's positions."""
+    try:
+        embd = encoder.embeddings(span)
+    except MediaError as error:
+        return Failure(400, "invalid_request_error", str(error))
+    n_tokens, n_embd = embd.shape
+    batch = llama_cpp.llama_batch_init(n_tokens, n_embd, 1)
+    try:
+        batch.n_tokens = n_tokens
+        flat = np.ascontiguousarray(embd, dtype=np.float32)
+        ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+        for i in range(n_tokens):
+            batch.pos[i] = item.position + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = item.seq_id
+            batch.logits[i] = 0
+        if span.piece.non_causal:
+            llama_cpp.llama_set_causal_attn(ctx, False)
+        try:
+            status = int(llama_cpp.llama_decode(ctx, batch))
+        finally:
+            if span.piece.non_causal:
+                llama_cpp.llama_set_causal_attn(ctx, True)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    if status != 0:
+        log.warning("llama_decode of a %s span failed (status %d)", span.piece.kind, status)
+        return Failure(500, "server_error", f"llama_decode of the {span.piece.kind} failed (status {status})")
+    return None
