@@ -217,7 +217,7 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's last item only: its prompt tokens served from a prefix cache (the router counts
     # prompt and completion tokens itself).
     cached_tokens: int | None = None
-    # Set on a request's last item when it had media: the prompt tokens the media added (the router
+    # Set on a request's first item when it had media: the prompt tokens the media added (the router
     # counts only the text tokens it sent).
     media_tokens: int | None = None
 

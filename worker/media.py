@@ -43,6 +43,14 @@ class MediaSpan:
 class RequestMedia:
     spans: list[MediaSpan] = field(default_factory=list)
     added_tokens: int = 0  # prompt tokens beyond the text tokens the router sent
+    reported: bool = False
+
+    def report_added(self) -> int | None:
+        """`added_tokens` the first time (the router adds it to usage once), then None."""
+        if self.reported:
+            return None
+        self.reported = True
+        return self.added_tokens
 
     def span_at(self, position: int) -> MediaSpan | None:
         """The span that starts at `position`."""

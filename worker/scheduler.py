@@ -430,12 +430,13 @@ class Scheduler:
             if seq.generated >= submit.max_tokens or seq.n_past + len(tokens) >= self.n_ctx_seq:
                 finish = FINISH_LENGTH
                 break
-        cached_tokens = media_tokens = None  # set on the request's last item
+        cached_tokens = None  # set on the request's last item
+        # On the request's first item, so the router counts it even when a stop string ends it early.
+        media_tokens = request.media.report_added() if request.media is not None else None
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
                 cached_tokens = request.cached_tokens
-                media_tokens = request.media.added_tokens if request.media is not None else None
                 self._release(request)
         items.append(
             FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens, media_tokens)

@@ -10,6 +10,7 @@ about an image reuses its KV (cached_tokens), embeddings survive a restart on di
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,8 +104,11 @@ def test_second_turn_reuses_the_image(server: Server) -> None:
     second = ask(server, [*first_turn, reply, user({"type": "text", "text": "And the colours?"})])
     details = second.usage.prompt_tokens_details
     assert details is not None and details.cached_tokens is not None
-    # The first turn's prompt (image included) is served from the prefix cache.
+    # The first turn's prompt (image included) is served from the prefix cache: the image is neither
+    # encoded nor read from the embedding cache again.
     assert details.cached_tokens >= first.usage.prompt_tokens - 1
+    sha = hashlib.sha256(png_bytes(seed=3)).hexdigest()[:12]
+    assert server.log().count(f"image {sha}: embeddings") == 1
 
 
 @pytest.mark.slow
