@@ -24,7 +24,7 @@ def with_image(seed: int, sha: str, before: int = 10, after: int = 10) -> tuple[
 
 def media_items(runner: object, rid: str) -> list[tuple[int, int, bool]]:
     """(position, length, planned as media) of every work item of `rid`."""
-    out = []
+    out: list[tuple[int, int, bool]] = []
     for plan in runner.plans:  # type: ignore[attr-defined]
         spans = {seq_id for seq_id, _ in plan.media}
         out.extend((w.position, len(w.tokens), w.seq_id in spans) for w in plan.work if w.rid == rid)
@@ -61,7 +61,7 @@ def test_one_span_per_step() -> None:
 
 
 def test_a_cached_prefix_is_cut_back_to_the_span_start() -> None:
-    sched, runner = make(n_batch=32)
+    sched, _ = make(n_batch=32)
     prompt, media = with_image(3, "cc" * 32, before=20)  # over the slot table's MIN_REUSE_TOKENS
     sched.submit(SubmitRequest("first", prompt, 2), media)
     drive(sched)
