@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, media, prefix, serving, step_overhead, vs_llama_server, wire
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     wire.main([])
     print("\n== embeddings ==")
     embeddings.main([])
+    print("\n== image input: embedding cache and prefix cache ==")
+    media.main([])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
     vs_llama_server.main([])
 
