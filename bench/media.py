@@ -68,19 +68,23 @@ def run(images: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-media-") as folder:
         projector = write_projector("vision", Path(folder) / "mmproj.gguf", vision=BENCH_VISION)
         model = _model(projector, Path(folder) / "embeddings")
-        with run_server(model, api_key=None, passive_threads=False) as server:
-            with httpx.Client(base_url=server.base_url, timeout=600) as client:
-                _ttft(client, f"Warm-up. {question}")
-                for i in range(images):
-                    results["text"].append(_ttft(client, f"Picture {i}. {question}"))
-                    results["cold"].append(_ttft(client, _image(i, question)))
-        with run_server(model, api_key=None, passive_threads=False) as server:
-            with httpx.Client(base_url=server.base_url, timeout=600) as client:
-                _ttft(client, f"Warm-up. {question}")
-                for i in range(images):
-                    results["warm"].append(_ttft(client, _image(i, question)))
-                for i in range(images):
-                    results["prefix"].append(_ttft(client, _image(i, question)))
+        with (
+            run_server(model, api_key=None, passive_threads=False) as server,
+            httpx.Client(base_url=server.base_url, timeout=600) as client,
+        ):
+            _ttft(client, f"Warm-up. {question}")
+            for i in range(images):
+                results["text"].append(_ttft(client, f"Picture {i}. {question}"))
+                results["cold"].append(_ttft(client, _image(i, question)))
+        with (  # a restart: the prefix cache is empty, the embedding cache on disk is not
+            run_server(model, api_key=None, passive_threads=False) as server,
+            httpx.Client(base_url=server.base_url, timeout=600) as client,
+        ):
+            _ttft(client, f"Warm-up. {question}")
+            for i in range(images):
+                results["warm"].append(_ttft(client, _image(i, question)))
+            for i in range(images):
+                results["prefix"].append(_ttft(client, _image(i, question)))
     return {name: statistics.median(values) for name, values in results.items()}
 
 
