@@ -44,7 +44,7 @@ def load_media(options: ModelOptions, engine: LlamaEngine, override: WorkerOverr
         return None
     threads = override.threads if override.threads is not None else options.threads
     n_ubatch = int(llama_cpp.llama_n_ubatch(engine.ctx))
-    use_gpu = (options.n_gpu_layers or 0) != 0
+    use_gpu = options.n_gpu_layers != 0  # None: llama.cpp offloads by default
     mtmd = MtmdContext(path, engine.model, threads or 1, n_ubatch, use_gpu=use_gpu)
     cache = None
     assert options.mtmd is not None

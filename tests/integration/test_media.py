@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,13 @@ def media_model(gemma: Path, projector: Path, cache: Path) -> dict[str, Any]:
         threads=2,
         threads_batch=2,
         swa_full=True,
-        mtmd={"mmproj_path": str(projector), "embedding_cache": {"path": str(cache), "max_bytes": 1 << 24}},
+        mtmd={
+            "mmproj_path": str(projector),
+            "embedding_cache": {"path": str(cache), "max_bytes": 1 << 24},
+            # The http test serves its image on 127.0.0.1 (tests reach loopback only); router/media refuses
+            # private addresses unless this is set.
+            "allow_private_media_addresses": True,
+        },
     )
     return model
 
@@ -109,6 +117,34 @@ def test_second_turn_reuses_the_image(server: Server) -> None:
     assert details.cached_tokens >= first.usage.prompt_tokens - 1
     sha = hashlib.sha256(png_bytes(seed=3)).hexdigest()[:12]
     assert server.log().count(f"image {sha}: embeddings") == 1
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = png_bytes(seed=8)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_http_image_url(server: Server) -> None:
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=images.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{images.server_address[1]}/picture.png"
+        answer = ask(server, [user({"type": "image_url", "image_url": {"url": url}}, TEXT)])
+    finally:
+        images.shutdown()
+        images.server_close()
+    plain = ask(server, [user(TEXT)])
+    assert answer.usage.prompt_tokens == plain.usage.prompt_tokens + IMAGE_EXTRA
 
 
 @pytest.mark.slow
