@@ -68,8 +68,8 @@ async def _follow(url: str, limit: int, policy: MediaPolicy) -> bytes:
             request = client.build_request("GET", target.connect_url, headers=headers, extensions=extensions)
             response = await client.send(request, stream=True)
             try:
-                if response.is_redirect:
-                    location = response.headers["location"]
+                location = response.headers.get("location")
+                if response.is_redirect and location is not None:
                     try:
                         current = str(target.url.join(location))
                     except httpx.InvalidURL:
