@@ -185,6 +185,12 @@ def test_a_public_looking_name_resolving_to_a_forbidden_address_is_refused_witho
         ("http://10.1.2.3/", "private address 10.1.2.3"),
         ("http://0251.0376.0251.0376/", "malformed URL"),  # httpx rejects octal quads outright
         ("http://0x7f.1/", "non-canonical numeric host"),
+        ("http://127.0.0.1./", "loopback address 127.0.0.1"),
+        ("HTTP://[0:0:0:0:0:ffff:127.0.0.1]/", "loopback address 127.0.0.1 inside IPv4-mapped"),
+        ("http://[fe80::1%25eth0]/", "scoped address"),
+        ("http://0/", "non-canonical numeric host 0"),
+        ("http://127.0.0.1%2e/", "malformed host"),
+        ("http://cdn.example\\@127.0.0.1/", "must not carry credentials"),
         ("http://user:secret@cdn.example/a.png", "must not carry credentials"),
         ("gopher://cdn.example/", "scheme 'gopher' is not allowed"),
         ("ftp://cdn.example/a.png", "scheme 'ftp' is not allowed"),
