@@ -1,8 +1,8 @@
 """HTTP servers on loopback for the media fetching tests: they record every connection and request.
 
 `MediaServer` serves fixed routes (status, headers, body, or a handler function for odd behaviour such as
-a slow drip); `SilentServer` accepts connections and never answers. Both bind 127.0.0.x only: tests send
-traffic nowhere else (../shared/TESTING.md).
+a slow drip); `SilentServer` accepts connections and never answers. Both bind loopback only (127.0.0.x,
+or ::1 where asked): tests send traffic nowhere else (../shared/TESTING.md).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(
         self, address: tuple[str, int], routes: dict[str, Route], tls: ssl.SSLContext | None
     ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self.routes = routes
         self.seen: list[Seen] = []

@@ -106,6 +106,26 @@ def test_a_name_is_resolved_once_and_the_checked_address_is_what_gets_the_reques
     assert server.seen[0].headers["host"] == f"{NAME}:{server.port}"
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_answer_is_connected_to_in_brackets(policy: MediaPolicy, sent: list[str]) -> None:
+    with media_server("::1") as server:
+        server.routes["/img.png"] = Route(body=PNG)
+        stub = StubResolver({"six.example": ["::1"]})
+        six = replace(policy, resolver=stub, private_address_hosts=frozenset({"six.example"}))
+        assert fetch(f"http://six.example:{server.port}/img.png", six).format == "png"
+        assert sent == [f"http://[::1]:{server.port}/img.png"]
+        assert server.seen[0].headers["host"] == f"six.example:{server.port}"
+
+
 @pytest.mark.parametrize(
     "host",
     [
