@@ -89,6 +89,12 @@ def _bad_png_crc() -> bytes:
     return bytes(data)
 
 
+def _bmp_compression(kind: int) -> bytes:
+    data = bytearray(samples.bmp())
+    struct.pack_into("<I", data, 30, kind)
+    return bytes(data)
+
+
 def _jpeg_with_frame(marker: int) -> bytes:
     data = bytearray(samples.jpeg())
     data[data.index(b"\xff\xc0") + 1] = marker
@@ -113,6 +119,10 @@ def _jpeg_with_frame(marker: int) -> bytes:
         (samples.gif()[:20], "gif image is truncated"),
         (samples.gif(screen=(40000, 40000)), "over the limit"),
         (samples.bmp()[:-4], "bmp image is truncated"),
+        (
+            _bmp_compression(1),
+            r"bmp image has unsupported layout \(24 bits, compression 1\)",
+        ),  # RLE: stb refuses
         (samples.bmp(5000, 5000)[:2000], "bmp image is truncated"),
     ],
 )
