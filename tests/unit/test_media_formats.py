@@ -148,6 +148,7 @@ def _wav_codec(codec: int) -> bytes:
     ("data", "reason"),
     [
         (b"RIFF\x00\x00\x00\x00WAVE", "wav audio is truncated"),
+        (samples.mp3()[:11], "audio is truncated"),
         (samples.wav()[:40], "wav audio has no samples|truncated"),
         (_wav_codec(0x55), "unsupported codec 0x55"),
         (b"ID3\x03\x00\x00\x00\x00\x00\x0a" + b"\x00" * 10 + b"\x00" * 8, "valid MPEG audio frame"),
