@@ -62,6 +62,8 @@ _V6_CLASSES: tuple[tuple[IPv6Network, str], ...] = tuple(
 )
 _NAT64 = IPv6Network("64:ff9b::/96")
 
+# What a DNS name may hold once httpx has IDNA-encoded it.
+_HOST_CHARACTERS = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 # Every part a number (decimal, octal or hex): inet_aton would read it as an IPv4 address.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
 
@@ -89,6 +91,8 @@ def address_refusal(address: IPAddress) -> str | None:
 
 def host_refusal(host: str) -> str | None:
     """Refusals decided by the host's spelling alone (before any resolution)."""
+    if not _HOST_CHARACTERS.match(host):
+        return f"malformed host {host!r}"
     if host in METADATA_HOSTS:
         return f"cloud metadata host {host}"
     if host == "localhost" or host.endswith(".localhost"):

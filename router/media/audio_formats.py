@@ -19,6 +19,8 @@ _MAX_SAMPLE_RATE = 768_000
 
 def check_audio_bytes(data: bytes) -> MediaFormat:
     """The audio's format; MediaRefused when the bytes are not decodable WAV, MP3 or FLAC."""
+    if len(data) < 12:  # libmtmd takes anything shorter for an image
+        raise MediaRefused("audio is truncated")
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         return _wav(data)
     if data[:4] == b"fLaC":

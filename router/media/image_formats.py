@@ -176,12 +176,10 @@ def _bmp(data: bytes) -> MediaFormat:
         height = abs(height)  # negative: rows stored top-down
     else:
         raise MediaRefused(f"bmp image has an unknown header of {header_size} bytes")
-    if planes != 1 or bpp not in (1, 4, 8, 16, 24, 32) or compression not in (0, 1, 2, 3, 6):
+    if planes != 1 or bpp not in (1, 4, 8, 16, 24, 32) or compression not in (0, 3):
         raise MediaRefused(f"bmp image has unsupported layout ({bpp} bits, compression {compression})")
-    if compression == 0 and width > 0:
-        row = ((width * bpp + 31) // 32) * 4
-        if pixels_at + row * height > len(data):
-            raise _truncated("bmp")
-    elif pixels_at >= len(data):
+    # Uncompressed (or bit-field) rows, padded to 4 bytes: the whole pixel array must be present.
+    row = ((max(width, 0) * bpp + 31) // 32) * 4
+    if pixels_at + row * height > len(data) or pixels_at >= len(data):
         raise _truncated("bmp")
     return MediaFormat("bmp", width, height)

@@ -41,13 +41,16 @@ def _read_under(path: Path, root: Path, limit: int) -> bytes:
         fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         raise MediaRefused("file: URL names a file that cannot be opened") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise MediaRefused("file: URL does not name a regular file")
         if info.st_size > limit:
             raise MediaRefused(f"file is {info.st_size} bytes, over the limit of {limit} bytes")
-        data = handle.read(limit + 1)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise MediaRefused(f"file is over the limit of {limit} bytes")
     return data

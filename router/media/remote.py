@@ -51,38 +51,46 @@ async def fetch_remote(url: str, kind: MediaKind, policy: MediaPolicy) -> bytes:
 
 
 async def _follow(url: str, limit: int, policy: MediaPolicy) -> bytes:
+    current = url
+    for hop in range(policy.max_redirects + 1):
+        target = await _check(current, policy)
+        body, location = await _get(target, limit, policy)
+        if location is None:
+            return body
+        try:
+            current = str(target.url.join(location))
+        except httpx.InvalidURL:
+            raise MediaRefused("redirect to a malformed URL") from None
+        if hop == policy.max_redirects:
+            raise MediaRefused(f"more than {policy.max_redirects} redirects")
+    raise AssertionError("unreachable")
+
+
+async def _get(target: _Target, limit: int, policy: MediaPolicy) -> tuple[bytes, str | None]:
+    """One hop: the body, or the redirect's Location. A fresh client per hop, so no connection verified
+    for one name is reused for another that happens to resolve to the same address."""
     verify = policy.ssl_context if policy.ssl_context is not None else True
     timeout = httpx.Timeout(policy.timeout_seconds)
+    headers = {
+        "Host": target.url.netloc.decode("ascii"),
+        "Accept-Encoding": "identity",
+        "User-Agent": _USER_AGENT,
+    }
+    extensions = {"sni_hostname": target.host} if target.is_name else {}
     async with httpx.AsyncClient(
         trust_env=False, follow_redirects=False, verify=verify, timeout=timeout
     ) as client:
-        current = url
-        for hop in range(policy.max_redirects + 1):
-            target = await _check(current, policy)
-            headers = {
-                "Host": target.url.netloc.decode("ascii"),
-                "Accept-Encoding": "identity",
-                "User-Agent": _USER_AGENT,
-            }
-            extensions = {"sni_hostname": target.host} if target.is_name else {}
-            request = client.build_request("GET", target.connect_url, headers=headers, extensions=extensions)
-            response = await client.send(request, stream=True)
-            try:
-                if response.is_redirect:
-                    location = response.headers["location"]
-                    try:
-                        current = str(target.url.join(location))
-                    except httpx.InvalidURL:
-                        raise MediaRefused("redirect to a malformed URL") from None
-                    if hop == policy.max_redirects:
-                        raise MediaRefused(f"more than {policy.max_redirects} redirects")
-                    continue
-                if response.status_code != 200:
-                    raise MediaRefused(f"the server answered HTTP {response.status_code}")
-                return await _read_capped(response, limit)
-            finally:
-                await response.aclose()
-    raise AssertionError("unreachable")
+        request = client.build_request("GET", target.connect_url, headers=headers, extensions=extensions)
+        response = await client.send(request, stream=True)
+        try:
+            location = response.headers.get("location")
+            if response.is_redirect and location is not None:
+                return b"", location
+            if response.status_code != 200:
+                raise MediaRefused(f"the server answered HTTP {response.status_code}")
+            return await _read_capped(response, limit), None
+        finally:
+            await response.aclose()
 
 
 async def _check(url: str, policy: MediaPolicy) -> _Target:

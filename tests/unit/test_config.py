@@ -22,6 +22,36 @@ def test_seed_configs_load_unchanged() -> None:
         assert config.model.served_name
 
 
+def test_the_seeds_mtmd_section_loads_whole() -> None:
+    """Every `model.mtmd` field the seed documents, in its own examples' shapes."""
+    mtmd = {
+        "mmproj_from_pretrained": {
+            "repo_id": "lmstudio-community/Qwen3.5-0.8B-GGUF",
+            "filename": "mmproj-Qwen3.5-0.8B-BF16.gguf",
+        },
+        "embedding_cache": {"path": ".cache/mtmd-embeddings", "max_bytes": 1073741824},
+        "image_max_bytes": 20971520,
+        "audio_max_bytes": 104857600,
+        "image_timeout_seconds": 10.0,
+        "allowed_media_domains": ["example.com", "static.example.com"],
+        "allowed_local_media_path": "/srv/llama-cpp-python/media",
+    }
+    loaded = parse_config({"model": {"path": "m.gguf", "mtmd": mtmd}}).model.mtmd
+    assert loaded is not None and loaded.mmproj_from_pretrained is not None
+    assert loaded.mmproj_from_pretrained.filename == "mmproj-Qwen3.5-0.8B-BF16.gguf"
+    assert loaded.embedding_cache is not None and loaded.embedding_cache.max_bytes == 1 << 30
+    assert (loaded.image_max_bytes, loaded.audio_max_bytes, loaded.image_timeout_seconds) == (
+        20 << 20,
+        100 << 20,
+        10,
+    )
+    assert loaded.allowed_media_domains == ["example.com", "static.example.com"]
+    assert loaded.allowed_local_media_path == "/srv/llama-cpp-python/media"
+    assert loaded.allow_private_media_addresses is False
+    mmproj_path = parse_config({"model": {"path": "m.gguf", "mtmd": {"mmproj_path": "p.gguf"}}}).model.mtmd
+    assert mmproj_path is not None and mmproj_path.mmproj_path == "p.gguf"
+
+
 def test_chat_template_list_is_joined() -> None:
     config = parse_config({"model": {"path": "m.gguf", "chat_template": ["{{ a }}", "-", "{{ b }}"]}})
     assert config.model.chat_template == "{{ a }}-{{ b }}"
@@ -46,6 +76,15 @@ def test_unknown_field_names_field_and_file(tmp_path: Path) -> None:
         ({"path": "a", "n_batch": 0}, "model.n_batch"),
         ({"path": "a", "draft_model": "magic"}, "model.draft_model"),
         ({"path": "a", "loras": [{"scale": 1.0}]}, "lora.path"),
+        (
+            {"path": "a", "mtmd": {"mmproj_path": "p", "allowed_media_domains": ["*.example.com"]}},
+            "exact host",
+        ),
+        ({"path": "a", "mtmd": {"mmproj_path": "p", "image_timeout_seconds": 0}}, "image_timeout_seconds"),
+        (
+            {"path": "a", "mtmd": {"embedding_cache": {"path": "c", "max_bytes": 1}}},
+            "exactly one of model.mtmd",
+        ),
     ],
 )
 def test_invalid_model_sections(model: dict, fragment: str) -> None:
