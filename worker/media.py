@@ -72,6 +72,11 @@ class RequestMedia:
             span.piece.close()
 
 
+def chunk_key(sha256: str, index: int) -> str:
+    """The hash a media item's `index`-th chunk is keyed by (the item's own hash for the first)."""
+    return hashlib.sha256(f"{sha256}:{index}".encode()).hexdigest()
+
+
 def placeholders(sha256: str, count: int, n_vocab: int) -> list[int]:
     """`count` token ids in [0, n_vocab) derived from the media hash (see the module docstring)."""
     out: list[int] = []
@@ -110,13 +115,15 @@ class MediaEncoder:
                 out.extend(prompt[cursor : item.position])
                 cursor = item.position
                 try:
-                    piece = self.mtmd.piece(item.kind, item.data, item.sha256)
+                    pieces = self.mtmd.pieces(item.kind, item.data, item.sha256)
                 except MediaError as error:
                     raise MediaError(f"{item.part or item.kind}: {error}") from error
-                out.extend(piece.before)
-                media.spans.append(MediaSpan(len(out), item.sha256, piece))
-                out.extend(placeholders(item.sha256, piece.n_tokens, self.n_vocab))
-                out.extend(piece.after)
+                for index, piece in enumerate(pieces):  # audio: one chunk per 30 s
+                    key = item.sha256 if index == 0 else chunk_key(item.sha256, index)
+                    out.extend(piece.before)
+                    media.spans.append(MediaSpan(len(out), key, piece))
+                    out.extend(placeholders(key, piece.n_tokens, self.n_vocab))
+                    out.extend(piece.after)
             out.extend(prompt[cursor:])
         except MediaError:
             media.close()
@@ -126,6 +133,7 @@ class MediaEncoder:
             raise MediaError("the prompt cannot end with a media item (no text after it to answer from)")
         media.added_tokens = len(out) - len(prompt)
         submit.prompt = out
+        submit.media = []  # the bytes are not needed any more
         return media
 
     def embeddings(self, span: MediaSpan) -> npt.NDArray[np.float32]:

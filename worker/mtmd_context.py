@@ -35,7 +35,8 @@ class MediaError(ValueError):
 
 @dataclass
 class MediaPiece:
-    """One media item tokenized: text tokens before, the media chunk, text tokens after."""
+    """One media chunk of an item (an image, or 30 s of audio): the text tokens before it, the chunk, and
+    (on the item's last chunk) the text tokens after it."""
 
     kind: str  # "image" or "audio"
     before: list[int]
@@ -82,7 +83,7 @@ class MtmdContext:
         self.marker = mtmd_cpp.mtmd_default_marker()
         self.identity = file_identity(path)
 
-    def piece(self, kind: str, data: bytes, media_id: str) -> MediaPiece:
+    def pieces(self, kind: str, data: bytes, media_id: str) -> list[MediaPiece]:
         """Decodes `data` with mtmd's loaders and tokenizes it alone; raises MediaError on bad input."""
         if kind == "image" and not self.vision:
             raise MediaError("this model's projector does not take images")
@@ -109,34 +110,34 @@ class MtmdContext:
                 mtmd_cpp.mtmd_input_chunks_free(chunks)
             mtmd_cpp.mtmd_bitmap_free(bitmap)
 
-    def _collect(self, kind: str, chunks: Any) -> MediaPiece:
-        before: list[int] = []
-        after: list[int] = []
-        media: Any = None
-        n_tokens = 0
-        non_causal = False
-        for index in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, index)
-            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                count = ctypes.c_size_t(0)
-                tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                (after if media is not None else before).extend(tokens[i] for i in range(count.value))
-                continue
-            if media is not None:  # audio over 30 s becomes several chunks: one per item for now
-                mtmd_cpp.mtmd_input_chunk_free(media)
-                raise MediaError(f"the {kind} is too long (one 30-second audio chunk at most)")
-            n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
-            non_causal = bool(mtmd_cpp.mtmd_decode_use_non_causal(self.ctx, chunk))
-            media = mtmd_cpp.mtmd_input_chunk_copy(chunk)
-        if media is None:
-            raise MediaError(f"mtmd produced no {kind} chunk")
-        piece = MediaPiece(kind, before, after, n_tokens, non_causal, media)
-        if non_causal and n_tokens > self.n_ubatch:
-            piece.close()
-            raise MediaError(
-                f"the {kind} needs {n_tokens} tokens in one micro-batch; n_ubatch is {self.n_ubatch}"
-            )
-        return piece
+    def _collect(self, kind: str, chunks: Any) -> list[MediaPiece]:
+        pieces: list[MediaPiece] = []
+        text: list[int] = []  # text tokens since the last media chunk
+        try:
+            for index in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, index)
+                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    count = ctypes.c_size_t(0)
+                    tokens = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                    text.extend(tokens[i] for i in range(count.value))
+                    continue
+                n_tokens = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+                non_causal = bool(mtmd_cpp.mtmd_decode_use_non_causal(self.ctx, chunk))
+                if non_causal and n_tokens > self.n_ubatch:
+                    raise MediaError(
+                        f"the {kind} needs {n_tokens} tokens in one micro-batch; n_ubatch is {self.n_ubatch}"
+                    )
+                copy = mtmd_cpp.mtmd_input_chunk_copy(chunk)
+                pieces.append(MediaPiece(kind, text, [], n_tokens, non_causal, copy))
+                text = []
+            if not pieces:
+                raise MediaError(f"mtmd produced no {kind} chunk")
+        except MediaError:
+            for piece in pieces:
+                piece.close()
+            raise
+        pieces[-1].after = text
+        return pieces
 
     def encode(self, piece: MediaPiece, n_embd: int) -> npt.NDArray[np.float32]:
         """Runs the projector on the chunk; returns (n_tokens, n_embd) embeddings (a copy)."""

@@ -98,6 +98,10 @@ def test_audio_answer_and_two_images_in_one_message(server: Server) -> None:
     plain = ask(server, [user(TEXT)])
     audio = ask(server, [user(audio_part(), TEXT)])
     assert audio.usage.prompt_tokens == plain.usage.prompt_tokens + AUDIO_TOKENS_PER_CHUNK
+    long_audio = base64.b64encode(wav_bytes(seconds=35)).decode()
+    long_part = {"type": "input_audio", "input_audio": {"data": long_audio, "format": "wav"}}
+    long = ask(server, [user(long_part, TEXT)])  # two 30-second chunks
+    assert long.usage.prompt_tokens == plain.usage.prompt_tokens + 2 * AUDIO_TOKENS_PER_CHUNK
     both = ask(server, [user(image_part(1), {"type": "text", "text": "and"}, image_part(2), TEXT)])
     assert both.usage.completion_tokens == 3
     and_tokens = ask(server, [user({"type": "text", "text": "and"}, TEXT)]).usage.prompt_tokens
