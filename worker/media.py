@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,10 +146,15 @@ class MediaEncoder:
                 self.cache_hits += 1
                 log.info("%s %s: embeddings from the cache", span.piece.kind, span.sha256[:12])
                 return cached
+        started = time.perf_counter()
         array = self.mtmd.encode(span.piece, self.n_embd)
         self.encoded += 1
         log.info(
-            "%s %s: embeddings encoded (%d tokens)", span.piece.kind, span.sha256[:12], span.piece.n_tokens
+            "%s %s: embeddings encoded (%d tokens) in %.1f ms",
+            span.piece.kind,
+            span.sha256[:12],
+            span.piece.n_tokens,
+            (time.perf_counter() - started) * 1000,
         )
         if self.cache is not None:
             self.cache.put(key, array)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from typing import Any
 
 import llama_cpp
@@ -43,6 +44,7 @@ def decode_media(ctx: Any, encoder: MediaEncoder, item: SeqWork, span: MediaSpan
             batch.logits[i] = 0
         if span.piece.non_causal:
             llama_cpp.llama_set_causal_attn(ctx, False)
+        started = time.perf_counter()
         try:
             status = int(llama_cpp.llama_decode(ctx, batch))
         finally:
@@ -50,6 +52,12 @@ def decode_media(ctx: Any, encoder: MediaEncoder, item: SeqWork, span: MediaSpan
                 llama_cpp.llama_set_causal_attn(ctx, True)
     finally:
         llama_cpp.llama_batch_free(batch)
+    log.debug(
+        "%s span of %d tokens decoded in %.1f ms",
+        span.piece.kind,
+        n_tokens,
+        (time.perf_counter() - started) * 1000,
+    )
     if status != 0:
         log.warning("llama_decode of a %s span failed (status %d)", span.piece.kind, status)
         return Failure(500, "server_error", f"llama_decode of the {span.piece.kind} failed (status {status})")
