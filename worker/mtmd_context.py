@@ -68,7 +68,7 @@ class MtmdContext:
         params.use_gpu = use_gpu
         params.print_timings = False
         params.n_threads = max(1, n_threads)
-        params.warmup = False
+        params.warmup = True  # allocate the encoder graph at start-up, not on the first request
         ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), model, params)
         if not ctx:
             raise MtmdLoadError(f"mtmd could not load the projector {path} for this model (see the log)")
