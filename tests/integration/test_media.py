@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.media_bytes import data_url, png_bytes, wav_bytes
+from tests.fixtures.media_bytes import data_url, png_bytes, png_with_corrupt_pixels, wav_bytes
 from tests.fixtures.tiny_projector import AUDIO_TOKENS_PER_CHUNK, VISION_TOKENS
 from tests.integration.server import REPO, Server, run_server
 
@@ -176,6 +176,8 @@ def test_broken_media_are_a_400_and_the_worker_keeps_serving(server: Server) -> 
     png = png_bytes(seed=5)
     broken = png[:40] + bytes(len(png) - 40)  # a valid header, then zeros where the pixels were
     cases = [
+        # Passes the router's header checks; the worker's decoder refuses it.
+        {"type": "image_url", "image_url": {"url": data_url(png_with_corrupt_pixels(), "image/png")}},
         {"type": "image_url", "image_url": {"url": data_url(broken, "image/png")}},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
         {
@@ -184,13 +186,16 @@ def test_broken_media_are_a_400_and_the_worker_keeps_serving(server: Server) -> 
         },
     ]
     with server.http() as http:
+        messages = []
         for part in cases:
             reply = http.post(
                 "/v1/chat/completions",
                 json={"model": GEMMA, "messages": [user(part, TEXT)], "max_tokens": 2},
             )
             assert reply.status_code == 400, reply.text
-            assert "messages[0].content[0]" in reply.json()["error"]["message"]
+            messages.append(reply.json()["error"]["message"])
+    assert all(m.startswith("messages[0].content[0]: ") for m in messages), messages
+    assert "could not be decoded" in messages[0]  # the worker's mtmd said so, and it keeps serving
     assert ask(server, [user(image_part(6), TEXT)]).usage.completion_tokens == 3
 
 
