@@ -24,7 +24,7 @@ from router.client.generation import Generation, Usage
 from router.openai.requests import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
 from router.preprocess.chat_plan import ChatPlan, RequestFields, chat_generation
-from router.preprocess.media_parts import load_media
+from router.preprocess.media_parts import PART_PARAM, load_media
 from router.state import ServerState
 from shared.vocab import TokenizerError
 
@@ -153,7 +153,7 @@ def _message_content(content: Any, param: str, has_projector: bool) -> str | lis
     parts: list[dict[str, Any]] = []
     for j, (part, kind) in enumerate(zip(content, kinds, strict=True)):
         if kind in _LOADED_MEDIA:
-            parts.append(dict(part))
+            parts.append({**part, PART_PARAM: f"{param}[{j}]"})  # errors name the input item
         else:
             parts.append({"type": "text", "text": _parts_text([part], f"{param}[{j}]", has_projector)})
     return parts

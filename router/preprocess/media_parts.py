@@ -22,6 +22,8 @@ from router.state import ServerState
 from shared.protocol import MediaInput
 
 MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "input_audio", "audio_url"})
+# A part converted from another API (Responses input items) carries the name its errors should use.
+PART_PARAM = "_llamafleet_param"
 _PLACEHOLDER = "<__llamafleet_media_{}__>"
 _FIND = re.compile(r"<__llamafleet_media_(\d+)__>")
 
@@ -90,7 +92,7 @@ async def load_media(state: ServerState, messages: list[Any]) -> PromptMedia | N
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in MEDIA_PART_TYPES:
-                param = f"messages[{i}].content[{j}]"
+                param = str(part.get(PART_PARAM) or f"messages[{i}].content[{j}]")
                 jobs[(i, j)] = (param, _load(part, str(kind), policy))
     if not jobs:
         return None

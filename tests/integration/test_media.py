@@ -169,6 +169,14 @@ def test_responses_input_image(server: Server) -> None:
     )
     assert response.usage is not None and plain.usage is not None
     assert response.usage.input_tokens == plain.usage.input_tokens + IMAGE_EXTRA
+    with server.http() as http:
+        bad = {"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}
+        reply = http.post(
+            "/v1/responses",
+            json={"model": GEMMA, "instructions": "Be brief.", "input": [{"role": "user", "content": [bad]}]},
+        )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"].startswith("input[0].content[0]: "), reply.text
 
 
 @pytest.mark.slow
