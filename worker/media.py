@@ -6,8 +6,9 @@ placeholders are derived from the media's SHA-256 (token i of a span is a hash o
 the prefix cache, which compares prompt tokens, matches a turn-two prompt that carries the same image
 and never one that carries a different image; a match that ends inside a span is cut back to the span's
 start (`clamp_reuse`), so a partial image is never reused. The placeholders never reach llama.cpp as
-tokens: when the scheduler plans a span it plans the whole span as one work item, and the runner decodes
-the span's embeddings (from the embedding cache, or encoded now) in a llama_decode of its own.
+tokens: the scheduler plans a span (a non-causal one whole, a causal one in budget-sized chunks, one span
+per step) as work items of their own (`plan_take`), and the runner decodes the span's embeddings (from
+the embedding cache, or encoded now) in a llama_decode of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class MediaSpan:
     start: int
     sha256: str
     piece: MediaPiece
+    # Kept from the first chunk to the last when a causal span is decoded over several steps.
+    embd: npt.NDArray[np.float32] | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -53,9 +56,9 @@ class RequestMedia:
         self.reported = True
         return self.added_tokens
 
-    def span_at(self, position: int) -> MediaSpan | None:
-        """The span that starts at `position`."""
-        return next((s for s in self.spans if s.start == position), None)
+    def span_over(self, position: int) -> MediaSpan | None:
+        """The span that holds prompt position `position`."""
+        return next((s for s in self.spans if s.start <= position < s.end), None)
 
     def next_start(self, position: int) -> int | None:
         """The first span start at or after `position`."""
@@ -71,6 +74,7 @@ class RequestMedia:
     def close(self) -> None:
         for span in self.spans:
             span.piece.close()
+            span.embd = None
 
 
 def chunk_key(sha256: str, index: int) -> str:
@@ -138,7 +142,14 @@ class MediaEncoder:
         return media
 
     def embeddings(self, span: MediaSpan) -> npt.NDArray[np.float32]:
-        """The span's embeddings: from the cache when it holds them, else encoded (and stored)."""
+        """The span's embeddings: kept from an earlier chunk of it, from the cache when it holds them,
+        else encoded (and stored)."""
+        if span.embd is not None:
+            return span.embd
+        span.embd = self._load(span)
+        return span.embd
+
+    def _load(self, span: MediaSpan) -> npt.NDArray[np.float32]:
         key = f"{span.sha256}-{self.mtmd.identity[:16]}"
         if self.cache is not None:
             cached = self.cache.get(key, span.piece.n_tokens, self.n_embd)
@@ -165,13 +176,16 @@ class MediaEncoder:
 
 
 def plan_take(media: RequestMedia | None, n_past: int, take: int) -> tuple[int, MediaSpan | None]:
-    """How many prompt tokens a prefill chunk at `n_past` takes: a whole span when one starts there
-    (returned with it), else text up to the next span at most."""
+    """How many prompt tokens a prefill chunk at `n_past` takes (`take` is the step's budget): within a
+    span (returned with it), the rest of a non-causal span whole (its tokens attend to each other, which
+    llama.cpp computes only inside one micro-batch) or up to `take` of a causal one, like text; else text
+    up to the next span at most."""
     if media is None:
         return take, None
-    span = media.span_at(n_past)
+    span = media.span_over(n_past)
     if span is not None:
-        return span.piece.n_tokens, span
+        rest = span.end - n_past
+        return (rest if span.piece.non_causal else min(take, rest)), span
     following = media.next_start(n_past)
     if following is not None:
         take = min(take, following - n_past)

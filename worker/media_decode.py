@@ -2,10 +2,11 @@
 
 llama.cpp's batch carries either token ids or embeddings, never both, so a media span gets a llama_decode
 of its own in the step that plans it (the step's text rows, other sequences' decode rows included, follow
-in the usual batch). The span goes in whole: gemma3's images attend to each other non-causally, which
-llama.cpp computes only within one micro-batch (worker/mtmd_context.py refuses spans over n_ubatch), so
-an image is not split like a long prompt. Its cost in a step is the projector run (skipped on an
-embedding-cache hit) plus one decode of its tokens; bench/media.py measures it.
+in the usual batch). A non-causal span (gemma3's images attend to each other, which llama.cpp computes
+only within one micro-batch; worker/mtmd_context.py refuses spans over n_ubatch) goes in whole; a causal
+one (Whisper-type audio) is chunked by the step budget like a long prompt, its embeddings kept on the
+span between steps. A step's media cost is at most one projector run (none on an embedding-cache hit or
+for a later chunk) plus one decode of one span's tokens; bench/media.py measures it.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 def decode_media(ctx: Any, encoder: MediaEncoder, item: SeqWork, span: MediaSpan) -> Failure | None:
     """Encodes (or fetches) the span's embeddings and decodes them at the item's positions."""
     try:
-        embd = encoder.embeddings(span)
+        whole = encoder.embeddings(span)
     except MediaError as error:
         return Failure(400, "invalid_request_error", str(error))
+    offset = item.position - span.start  # a causal span may be decoded over several steps
+    embd = whole[offset : offset + len(item.tokens)]
     n_tokens, n_embd = embd.shape
     batch = llama_cpp.llama_batch_init(n_tokens, n_embd, 1)
     try:

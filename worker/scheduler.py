@@ -353,8 +353,7 @@ class Scheduler:
                 if media:
                     continue
                 media.append((leader.seq_id, span))
-            else:
-                budget -= take
+            budget -= take
             chunk = request.prompt[leader.n_past : leader.n_past + take]
             item = SeqWork(request.submit.rid, leader.seq_id, chunk, leader.n_past, 0)
             if leader.n_past + take == len(request.prompt):  # the last chunk: every choice samples from it

@@ -35,6 +35,9 @@ def media_model(gemma: Path, projector: Path, cache: Path) -> dict[str, Any]:
         path=str(gemma),
         n_ctx=4096,
         n_seq_max=2,
+        # Small steps: a 75-token audio span is decoded over two steps (causal spans are chunked).
+        n_batch=64,
+        n_ubatch=64,
         threads=2,
         threads_batch=2,
         swa_full=True,

@@ -12,13 +12,16 @@ from worker.mtmd_context import MediaPiece
 SPAN = 6
 
 
-def with_image(seed: int, sha: str, before: int = 10, after: int = 10) -> tuple[list[int], RequestMedia]:
-    """A prompt of `before` text tokens, one image span of SPAN placeholders, `after` text tokens."""
+def with_image(
+    seed: int, sha: str, before: int = 10, after: int = 10, span: int = SPAN, causal: bool = False
+) -> tuple[list[int], RequestMedia]:
+    """A prompt of `before` text tokens, one media span of `span` placeholders, `after` text tokens; an
+    image span is non-causal (gemma3), an audio one causal."""
     media = RequestMedia()
-    piece = MediaPiece("image", [], [], SPAN, True, None)
+    piece = MediaPiece("audio" if causal else "image", [], [], span, not causal, None)
     media.spans.append(MediaSpan(before, sha, piece))
-    prompt = prompt_of(seed, before) + placeholders(sha, SPAN, VOCAB) + prompt_of(seed + 1, after)
-    media.added_tokens = SPAN
+    prompt = prompt_of(seed, before) + placeholders(sha, span, VOCAB) + prompt_of(seed + 1, after)
+    media.added_tokens = span
     return prompt, media
 
 
@@ -46,6 +49,24 @@ def test_a_span_is_planned_whole_while_others_keep_decoding() -> None:
     assert media_items(runner, "img") == [(0, 10, False), (10, SPAN, True), (16, 15, False), (31, 5, False)]
     drive(sched, run)
     assert run.cached["img"] == 0
+
+
+def test_a_causal_span_is_chunked_like_text() -> None:
+    sched, runner = make(n_batch=8)
+    sched.submit(SubmitRequest("short", prompt_of(1, 4), 12))
+    run = Run()
+    step(sched, run)
+    prompt, media = with_image(6, "ab" * 32, before=3, after=4, span=20, causal=True)
+    sched.submit(SubmitRequest("audio", prompt, 2), media)
+    drive(sched, run)
+    assert media_items(runner, "audio")[:5] == [  # then its decode rows
+        (0, 3, False),
+        (3, 7, True),
+        (10, 7, True),
+        (17, 6, True),
+        (23, 4, False),
+    ]
+    assert len(run.tokens["short", 0]) == 12
 
 
 def test_one_span_per_step() -> None:
