@@ -113,6 +113,9 @@ class MTMDOptions(BaseModel):
     # RISK: true lets media URLs reach loopback, private, link-local and cloud-metadata addresses (SSRF).
     # Only for tests and closed networks; see README "Media input safety" (llamafleet; not in the seed).
     allow_private_media_addresses: bool = False
+    # At most this many image/audio parts in one request, so one request cannot start thousands of fetches
+    # (llamafleet; not in the seed).
+    max_media_parts: int = Field(default=16, ge=1)
 
     @field_validator("allowed_media_domains")
     @classmethod

@@ -84,7 +84,7 @@ async def load_media(state: ServerState, messages: list[Any]) -> PromptMedia | N
     if options is None:
         return None
     policy = MediaPolicy.from_options(options)
-    jobs: dict[tuple[int, int], tuple[str, Any]] = {}
+    parts: dict[tuple[int, int], tuple[str, dict[str, Any], str]] = {}
     for i, message in enumerate(messages):
         content = message.content
         if not isinstance(content, list):
@@ -93,15 +93,30 @@ async def load_media(state: ServerState, messages: list[Any]) -> PromptMedia | N
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in MEDIA_PART_TYPES:
                 param = str(part.get(PART_PARAM) or f"messages[{i}].content[{j}]")
-                jobs[(i, j)] = (param, _load(part, str(kind), policy))
-    if not jobs:
+                parts[(i, j)] = (param, part, str(kind))
+    if not parts:
         return None
-    results = await asyncio.gather(*(job for _, job in jobs.values()), return_exceptions=True)
-    media = PromptMedia()
-    for (key, (param, _)), result in zip(jobs.items(), results, strict=True):
-        if isinstance(result, MediaRefused):
-            raise APIError(400, f"{param}: {result.reason}", param=param, code="invalid_media")
-        if isinstance(result, BaseException):
-            raise result
-        media.blobs[key] = (result, param)
-    return media
+    if len(parts) > options.max_media_parts:
+        raise APIError(
+            400,
+            f"{len(parts)} image/audio parts in one request; this server takes at most "
+            f"{options.max_media_parts} (model.mtmd.max_media_parts)",
+            param="messages",
+            code="invalid_media",
+        )
+    tasks = {key: asyncio.ensure_future(_load(part, kind, policy)) for key, (_, part, kind) in parts.items()}
+    try:
+        # The first refusal answers the request: the other fetches are cancelled, not waited for.
+        await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+        media = PromptMedia()
+        for key, task in tasks.items():
+            param = parts[key][0]
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if isinstance(error, MediaRefused):
+                raise APIError(400, f"{param}: {error.reason}", param=param, code="invalid_media")
+        for key, task in tasks.items():
+            media.blobs[key] = (task.result(), parts[key][0])
+        return media
+    finally:
+        for task in tasks.values():
+            task.cancel()

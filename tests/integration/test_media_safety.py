@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 
-# The content-part endpoints come from the multimodal branch; until it is merged there is nothing to test.
-pytest.importorskip("router.preprocess.media_parts")
-
 from tests.integration.server import REPO, Server, run_server
 from tests.support import media_samples as samples
 from tests.support.media_server import MediaServer, Route, media_server
@@ -153,4 +150,19 @@ def test_responses_input_image_is_checked_the_same_way(server: Server, images: M
     assert reply.status_code == 400, reply.text
     message = reply.json()["error"]["message"]
     assert "content[1]: URL host loopback address 127.0.0.1" in message, message
+    assert images.connections == 0
+
+
+def test_too_many_media_parts_are_a_400_before_any_fetch(server: Server, images: MediaServer) -> None:
+    """One request cannot start thousands of fetches: over model.mtmd.max_media_parts (16) is refused
+    before anything is loaded, so even a permitted URL is never fetched."""
+    parts = [image(f"http://127.0.0.1:{images.port}/cat.png") for _ in range(17)]
+    with server.http() as http:
+        reply = http.post(
+            "/v1/chat/completions",
+            json={"model": GEMMA, "messages": [{"role": "user", "content": [TEXT, *parts]}], "max_tokens": 2},
+        )
+    assert reply.status_code == 400, reply.text
+    assert "17 image/audio parts in one request" in reply.json()["error"]["message"]
+    assert "max_media_parts" in reply.json()["error"]["message"]
     assert images.connections == 0
