@@ -24,6 +24,7 @@ from router.endpoints.embeddings import EmbeddingRequest, check_generation, crea
 from router.endpoints.responses import ResponsesRequest
 from router.endpoints.responses_events import create_response
 from router.endpoints.responses_ws import serve_responses_websocket
+from router.endpoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from router.openai.requests import ChatCompletionRequest, CompletionRequest
 from router.state import ServerState
 from shared.config import Config
@@ -131,5 +132,15 @@ def create_app(
     @app.post("/v1/embeddings", responses=docs.EMBEDDINGS)
     async def embeddings(body: EmbeddingRequest) -> Response:
         return await create_embeddings(state, body)
+
+    @app.post("/tokenize", responses=docs.TOKENIZE)
+    async def tokenize_text(body: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        return await state.preparer.run(tokenize, state, body)
+
+    @app.post("/detokenize", responses=docs.DETOKENIZE)
+    async def detokenize_tokens(body: DetokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        return await state.preparer.run(detokenize, state, body)
 
     return app

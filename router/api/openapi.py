@@ -22,12 +22,14 @@ from router.openai.answers import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
+    DetokenizeAnswer,
     EmbeddingList,
     ErrorBody,
     Health,
     ModelList,
     ResponseObject,
     ResponseStreamEvent,
+    TokenizeAnswer,
 )
 
 Responses = dict[int | str, dict[str, Any]]
@@ -134,6 +136,15 @@ RESPONSES_UPGRADE: Responses = {426: _error(426)}
 EMBEDDINGS: Responses = {
     200: {"model": EmbeddingList, "description": "The vectors"},
     **_errors(*_POST_ERRORS),
+}
+# The router answers these from its vocabulary: no worker, so no 429, 500 or 503.
+TOKENIZE: Responses = {
+    200: {"model": TokenizeAnswer, "description": "The token ids"},
+    **_errors(400, 404, 413),
+}
+DETOKENIZE: Responses = {
+    200: {"model": DetokenizeAnswer, "description": "The text"},
+    **_errors(400, 404, 413),
 }
 MODELS: Responses = {200: {"model": ModelList, "description": "The one model this server serves"}}
 HEALTH: Responses = {

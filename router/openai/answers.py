@@ -200,6 +200,30 @@ class ModelCard(BaseModel):
     meta: ModelMeta | None = None
 
 
+class TokenPiece(BaseModel):
+    model_config = _OPEN
+    id: int
+    piece: str | list[int] = Field(description="the text, or its bytes when not valid UTF-8 on their own")
+
+
+class TokenizeAnswer(BaseModel):
+    """POST /tokenize: llama-server's `tokens` (ids, or with pieces), vLLM's `count` and `max_model_len`."""
+
+    model_config = _OPEN
+    tokens: list[int] | list[TokenPiece]
+    count: int
+    max_model_len: int | None = Field(description="the context per sequence, once a worker reported it")
+    token_strs: list[str] | None = None
+
+
+class DetokenizeAnswer(BaseModel):
+    """POST /detokenize: the text as llama-server's `content` and vLLM's `prompt`."""
+
+    model_config = _OPEN
+    content: str
+    prompt: str
+
+
 class ModelList(BaseModel):
     model_config = _OPEN
     object: Literal["list"]
