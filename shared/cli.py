@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-C", "--config", required=True, type=Path, help="JSON config file")
         if name == "worker":
             command.add_argument("--index", type=int, default=0, help="worker index (e.g. GPU index)")
+            command.add_argument(
+                "--model", help="the model (alias) whose pool this worker joins, for a `models` config"
+            )
         else:
             command.add_argument("--host", help="override server.host")
             command.add_argument("--port", type=int, help="override server.port")
@@ -81,12 +84,13 @@ def _serve(args: argparse.Namespace) -> int:
     from shared import curve
     from shared.ipc import IpcSockets, check_worker_endpoints
 
-    IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir()).check()
-    check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
-    if config.workers.keys_dir:
-        curve.load_router_keys(config.workers.keys_dir)
-        for index in range(config.workers.count):
-            curve.load_worker_keys(config.workers.keys_dir, index)
+    for pool in config.pools():
+        IpcSockets([pool.requests_endpoint(), pool.results_endpoint()], pool.ipc_dir()).check()
+        check_worker_endpoints([pool.requests_endpoint(), pool.results_endpoint()])
+        if pool.workers.keys_dir:
+            curve.load_router_keys(pool.workers.keys_dir)
+            for index in range(pool.workers.count):
+                curve.load_worker_keys(pool.workers.keys_dir, index)
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
 
 
@@ -97,8 +101,8 @@ def _run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.api.app import create_app
+    from router.models_registry import ModelRegistry
     from router.process.supervisor import ROUTER_START_FAILED
-    from router.state import ServerState
 
     config = load_config(args.config)
     if args.host:
@@ -109,16 +113,16 @@ def _run_router(args: argparse.Namespace) -> int:
     loop: asyncio.AbstractEventLoop | None = None
     link = None
 
-    async def on_startup(state: ServerState) -> None:
+    async def on_startup(registry: ModelRegistry) -> None:
         nonlocal loop, link
         loop = asyncio.get_running_loop()
         if args.control_fd is not None:
             from router.process.supervisor_link import SupervisorLink
 
-            link = SupervisorLink(args.control_fd, state.dispatcher)
+            link = SupervisorLink(args.control_fd, [state.dispatcher for state in registry.states])
             await link.start()
 
-    async def on_shutdown(state: ServerState) -> None:
+    async def on_shutdown(registry: ModelRegistry) -> None:
         if link is not None:
             await link.close()
 
@@ -127,9 +131,10 @@ def _run_router(args: argparse.Namespace) -> int:
     def cut_off_stragglers() -> None:
         """The drain timeout ran out: end what is still running with an error (an SSE error event for
         streams) instead of letting the server cut the connections mid-body."""
-        app.state.llamafleet.dispatcher.fail_all(
-            503, "service_unavailable", "the server is shutting down and its drain timeout ran out"
-        )
+        for state in app.state.registry.states:
+            state.dispatcher.fail_all(
+                503, "service_unavailable", "the server is shutting down and its drain timeout ran out"
+            )
 
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown; a drained service should exit 0."""
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             tune_openmp()  # before llama_cpp loads libgomp
             from worker.main import run_worker
 
-            return run_worker(load_config(args.config), args.index)
+            return run_worker(load_config(args.config).pool(args.model), args.index)
         if args.command == "serve":
             return _serve(args)
         return _run_router(args)

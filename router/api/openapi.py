@@ -37,7 +37,7 @@ Responses = dict[int | str, dict[str, Any]]
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: a malformed body, a value out of range, a prompt beyond the context",
     401: "Invalid or missing API key (only when the server has one)",
-    404: "The requested model is not the one this server serves",
+    404: "The requested model is not one this server serves",
     413: "The request body is larger than the server accepts",
     426: "Not a WebSocket upgrade: this path serves the Responses WebSocket",
     429: "The queue is full; retry after Retry-After seconds",
@@ -146,10 +146,10 @@ DETOKENIZE: Responses = {
     200: {"model": DetokenizeAnswer, "description": "The text"},
     **_errors(400, 404, 413),
 }
-MODELS: Responses = {200: {"model": ModelList, "description": "The one model this server serves"}}
+MODELS: Responses = {200: {"model": ModelList, "description": "The models this server serves"}}
 HEALTH: Responses = {
-    200: {"model": Health, "description": "A worker is ready"},
-    503: {**_error(503), "model": Health, "description": "No worker is ready"},
+    200: {"model": Health, "description": "Every model has a worker ready"},
+    503: {**_error(503), "model": Health, "description": "Some model has no worker ready"},
 }
 METRICS: Responses = {
     200: {

@@ -230,13 +230,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PoolHealth(BaseModel):
+    model_config = _OPEN
+    workers_up: int
+    workers: int
+
+
 class Health(BaseModel):
-    """200 with `ok` while a worker is up, 503 with `unavailable` otherwise."""
+    """200 with `ok` while every model has a worker up, 503 with `unavailable` otherwise."""
 
     model_config = _OPEN
     status: Literal["ok", "unavailable"]
     workers_up: int
     workers: int
+    models: dict[str, PoolHealth] = Field(description="each model's pool, by the name clients send")
 
 
 class ResponseObject(BaseModel):
