@@ -91,6 +91,16 @@ def _serve(args: argparse.Namespace) -> int:
             curve.load_router_keys(pool.workers.keys_dir)
             for index in range(pool.workers.count):
                 curve.load_worker_keys(pool.workers.keys_dir, index)
+    # Fetch, assemble or convert each model once here, with progress in the log, rather than in the router
+    # and every worker at once.
+    from shared.models import ModelSourceError, resolve_model_path
+
+    for pool in config.pools():
+        try:
+            resolve_model_path(pool.model)
+        except ModelSourceError as error:
+            print(f"llamafleet: model {pool.model.served_name!r}: {error}", file=sys.stderr)
+            return 2
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
 
 
