@@ -80,11 +80,23 @@ class ModelRegistry:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every model has a worker up (each request it accepts can be served); per-pool counts."""
-        pools = {}
+        pools: dict[str, dict[str, Any]] = {}
         for state in self.states:
+            up = state.dispatcher.up_workers()
             pools[state.model_name] = {
-                "workers_up": len(state.dispatcher.up_workers()),
+                "workers_up": len(up),
                 "workers": len(state.dispatcher.workers),
+                # Where each ready worker runs: its backend, devices and GPU layers (shared/gpu.py).
+                "placement": {
+                    str(worker.index): {
+                        "backend": worker.info.backend,
+                        "devices": list(worker.info.devices),
+                        "offloaded_layers": worker.info.offloaded_layers,
+                        "layers": worker.info.n_layer + 1,
+                    }
+                    for worker in up
+                    if worker.info is not None
+                },
             }
         ready = all(pool["workers_up"] for pool in pools.values())
         body = {

@@ -91,6 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
             curve.load_router_keys(pool.workers.keys_dir)
             for index in range(pool.workers.count):
                 curve.load_worker_keys(pool.workers.keys_dir, index)
+    from shared.gpu import check_offload
+
+    for pool, index in config.worker_slots():
+        check_offload(
+            pool.model, pool.workers.override_for(index), f"worker {index} of {pool.model.served_name!r}"
+        )
     # Fetch, assemble or convert each model once here, with progress in the log, rather than in the router
     # and every worker at once.
     from shared.models import ModelSourceError, resolve_model_path

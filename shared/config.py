@@ -145,8 +145,11 @@ class ModelOptions(BaseModel):
     chat_template: str | None = None
     loras: list[LoraOptions] = Field(default_factory=list)
     mtmd: MTMDOptions | None = None
-    # llama_model_params
+    # llama_model_params. n_gpu_layers: -1 (llama.cpp's default when unset) puts every layer on the GPU where
+    # the build can; a positive count on a build without GPU offload refuses to start unless
+    # allow_cpu_fallback (shared/gpu.py).
     n_gpu_layers: int | None = None
+    allow_cpu_fallback: bool = False
     split_mode: int | None = None
     main_gpu: int | None = None
     tensor_split: list[float] | None = None

@@ -122,15 +122,34 @@ class _WorkerCollector(Collector):
                 if is_counter
                 else GaugeMetricFamily(name, help_text, labels=["worker"])
             )
+        build = GaugeMetricFamily(
+            "llamafleet_worker_build_info",
+            "1 per ready worker: its llama.cpp backend and devices",
+            labels=["worker", "backend", "devices"],
+        )
+        offloaded = GaugeMetricFamily(
+            "llamafleet_worker_offloaded_layers", "Model layers on a GPU", labels=["worker"]
+        )
+        layers = GaugeMetricFamily(
+            "llamafleet_worker_layers", "Model layers (n_layer + output)", labels=["worker"]
+        )
         for prefix, dispatcher in self._pools:
             for worker in dispatcher.workers.values():
                 label = [f"{prefix}{worker.index}"]
+                info = worker.info
+                if worker.up and info is not None:
+                    build.add_metric([*label, info.backend, "; ".join(info.devices)], 1.0)
+                    offloaded.add_metric(label, float(info.offloaded_layers))
+                    layers.add_metric(label, float(info.n_layer + 1))
                 up.add_metric(label, 1.0 if worker.up else 0.0)
                 in_flight.add_metric(label, float(len(worker.in_flight)))
                 for key, family in families.items():
                     family.add_metric(label, float(getattr(worker.stats, key)))
         yield up
         yield in_flight
+        yield build
+        yield offloaded
+        yield layers
         yield from families.values()
 
 

@@ -230,10 +230,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Placement(BaseModel):
+    model_config = _OPEN
+    backend: str = Field(description="CPU, CUDA, Vulkan, ...")
+    devices: list[str]
+    offloaded_layers: int
+    layers: int
+
+
 class PoolHealth(BaseModel):
     model_config = _OPEN
     workers_up: int
     workers: int
+    placement: dict[str, Placement] = Field(description="each ready worker (by index): where it runs")
 
 
 class Health(BaseModel):
