@@ -1,4 +1,4 @@
-"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`, `keys`."""
+"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`, `keys`, `check`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--port", type=int, help="override server.port")
         if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
             command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    check = commands.add_parser(
+        "check", help="validate a config without loading a model; print the resolved settings as JSON"
+    )
+    check.add_argument("-C", "--config", required=True, type=Path, help="JSON config file")
+    check.add_argument(
+        "--role",
+        choices=("serve", "router", "worker"),
+        default="serve",
+        help="check what this role needs on this host (keys, sockets); default serve: all of it",
+    )
+    check.add_argument("--index", type=int, default=0, help="the worker index (--role worker)")
+    check.add_argument("--model", help="the model whose pool the worker joins (--role worker, `models`)")
     keys = commands.add_parser(
         "keys", help="write ZeroMQ CURVE key pairs for the router and workers (for workers.keys_dir)"
     )
@@ -200,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(load_config(args.config).pool(args.model), args.index)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check":
+            from shared.check import run_check
+
+            config = load_config(args.config)
+            if args.role == "worker" and args.model is not None:
+                config = config.pool(args.model)
+            return run_check(config, args.role, args.index)
         return _run_router(args)
     except ConfigError as error:
         print(f"llamafleet: {error}", file=sys.stderr)
