@@ -27,7 +27,7 @@ def verdict(cmake_args: str, offload: bool) -> str | None:
         return (
             f"CMAKE_ARGS asks for {backend} ({cmake_args.strip()}) but the llama-cpp-python just installed "
             "has no GPU offload (llama_supports_gpu_offload is false): check the build log above for the "
-            f"{backend} toolkit"
+            f"{backend} toolkit, and that a GPU is visible here (llama.cpp counts only devices it sees)"
         )
     return None
 

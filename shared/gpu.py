@@ -1,6 +1,8 @@
 """What a llama.cpp build can run on: its backend, its devices, and whether it offloads layers at all.
 
-A CPU-only wheel of llama-cpp-python on a GPU box serves, slowly, on the CPU without a word. So each worker
+A CPU-only wheel of llama-cpp-python on a GPU box serves, slowly, on the CPU without a word. (llama.cpp's
+`llama_supports_gpu_offload` is true when a GPU device is registered: a GPU build on a host, or in a pod,
+that sees no GPU says false too, which is just as much a reason to refuse GPU layers.) So each worker
 reports the backend, the devices and how many layers it offloaded (log, `/healthz`, `/metrics`), and a config
 that asks for a positive number of GPU layers on a build without GPU offload is a start-up error naming
 `model.n_gpu_layers`, unless `model.allow_cpu_fallback` is true. `-1` (llama.cpp's own default: all layers,
@@ -108,8 +110,9 @@ def check_offload(options: ModelOptions, override: WorkerOverride, worker: str) 
         return
     field = "workers.overrides.n_gpu_layers" if override.n_gpu_layers is not None else "model.n_gpu_layers"
     rebuild = (
-        "this llama-cpp-python build has no GPU offload (llama_supports_gpu_offload is false); rebuild "
-        'it for your GPU, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install (README: GPU builds)'
+        "llama.cpp offloads to no GPU here (llama_supports_gpu_offload is false: a CPU build, or no GPU "
+        'visible to this process); rebuild for your GPU, e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install '
+        "(README: GPU builds), or check CUDA_VISIBLE_DEVICES"
     )
     if layers > 0 and not options.allow_cpu_fallback:
         raise ConfigError(

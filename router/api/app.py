@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.api import openapi as docs
-from router.api.auth import HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
+from router.api.auth import ALWAYS_OPEN, HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
 from router.api.errors import APIError, install_error_handlers, retry_headers
 from router.api.limits import BodySizeLimit
 from router.api.metrics import RequestMetrics
@@ -69,7 +69,9 @@ def create_app(
     # Added before CORS, so CORS (the outer one) answers preflight requests, which carry no key.
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_health_and_metrics=protect)
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
-    docs.install_openapi(app, bool(api_keys), set() if protect else set(HEALTH_AND_METRICS))
+    docs.install_openapi(
+        app, bool(api_keys), set(ALWAYS_OPEN) | (set() if protect else set(HEALTH_AND_METRICS))
+    )
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -84,6 +86,11 @@ def create_app(
     async def healthz() -> Response:
         up, body = registry.health()
         return JSONResponse(body, status_code=200 if up else 503, headers=None if up else retry_headers(503))
+
+    @app.get("/livez", responses=docs.LIVE)
+    async def livez() -> dict[str, str]:
+        """Liveness: 200 while the router answers, whether or not workers are ready (that is /healthz)."""
+        return {"status": "alive"}
 
     @app.get("/metrics", responses=docs.METRICS)
     async def metrics() -> Response:

@@ -151,6 +151,14 @@ HEALTH: Responses = {
     200: {"model": Health, "description": "Every model has a worker ready"},
     503: {**_error(503), "model": Health, "description": "Some model has no worker ready"},
 }
+LIVE: Responses = {
+    200: {
+        "description": "The router process answers (liveness; readiness is /healthz)",
+        "content": {
+            "application/json": {"schema": {"type": "object", "properties": {"status": {"const": "alive"}}}}
+        },
+    }
+}
 METRICS: Responses = {
     200: {
         "description": "Prometheus metrics (text exposition format)",
