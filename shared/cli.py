@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +177,19 @@ def _run_router(args: argparse.Namespace) -> int:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # one line that says where to send requests (workers may still be loading)
+                host = config.server.host
+                pools = config.pools()
+                log.info(
+                    "router listening on http://%s:%d/v1 for %s; workers connect to %s",
+                    f"[{host}]" if ":" in host else host,
+                    config.server.port,
+                    ", ".join(pool.model.served_name for pool in pools),
+                    ", ".join(f"{pool.requests_endpoint()} + {pool.results_endpoint()}" for pool in pools),
+                )
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if not self.should_exit and loop is not None:

@@ -119,6 +119,10 @@ def test_a_dead_worker_is_restarted_in_its_own_pool(two_models: Server) -> None:
 def test_ready_line_names_the_url_and_models(two_models: Server) -> None:
     port = two_models.config["server"]["port"]
     assert f"ready: http://127.0.0.1:{port}/v1 serving tiny-a, tiny-b (3 workers)" in two_models.log()
+    assert (
+        f"router listening on http://127.0.0.1:{port}/v1 for tiny-a, tiny-b; workers connect to"
+        in two_models.log()
+    )
 
 
 def test_config_example_loads(tmp_path: Path) -> None:
