@@ -40,6 +40,9 @@ class SupervisorLink:
         for offset, dispatcher in self._pools:
             dispatcher.on_ready = functools.partial(self._ready, offset)
             dispatcher.on_unresponsive = functools.partial(self._unresponsive, offset)
+            # Workers whose `ready` arrived before the link existed (the dispatchers start first).
+            for worker in dispatcher.up_workers():
+                self._ready(offset, worker.index)
         self._task = asyncio.create_task(self._read(reader), name="supervisor-link")
 
     async def close(self) -> None:

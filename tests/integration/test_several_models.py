@@ -144,3 +144,38 @@ def test_worker_of_a_models_config_needs_model(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "pass --model with one of 'smollm2-135m-instruct', 'all-minilm-l6-v2'" in done.stderr
+
+
+def test_responses_over_http_and_websocket_route_by_model(two_models: Server) -> None:
+    """One WebSocket may talk to both models: each response.create goes to the model it names."""
+    from websockets.sync.client import connect
+
+    texts = {}
+    for model in ("tiny-a", "tiny-b"):
+        answer = two_models.client().responses.create(
+            model=model, input="Tell me a story", max_output_tokens=8, temperature=0
+        )
+        assert answer.model == model
+        texts[model] = answer.output_text
+    assert texts["tiny-a"] != texts["tiny-b"]
+    url = two_models.base_url.replace("http://", "ws://") + "/v1/responses"
+    with connect(url, additional_headers={"Authorization": f"Bearer {two_models.api_key}"}) as ws:
+        for model in ("tiny-b", "tiny-a", "tiny-c"):
+            request = {
+                "type": "response.create",
+                "model": model,
+                "input": "Tell me a story",
+                "max_output_tokens": 8,
+                "temperature": 0,
+            }
+            ws.send(json.dumps(request))
+            while True:
+                event = json.loads(ws.recv(timeout=60))
+                if event["type"] in ("response.completed", "response.incomplete", "response.failed", "error"):
+                    break
+            if model == "tiny-c":
+                assert event["type"] == "error" and event["error"]["code"] == "model_not_found", event
+            else:
+                response = event["response"]
+                assert response["model"] == model
+                assert "".join(p["text"] for p in response["output"][0]["content"]) == texts[model]
