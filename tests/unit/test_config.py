@@ -148,3 +148,15 @@ def test_models_errors_name_the_field(data: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     assert message in str(caught.value)
+
+
+def test_model_overrides_from_the_environment_are_refused_with_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLAMAFLEET_MODEL__N_CTX", "512")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"models": [{"path": "a.gguf"}]})
+    assert "`model` and `models` cannot both be set" in str(caught.value)
+    monkeypatch.delenv("LLAMAFLEET_MODEL__N_CTX")
+    monkeypatch.setenv("LLAMAFLEET_SERVER__PORT", "9200")  # server overrides still apply
+    assert parse_config({"models": [{"path": "a.gguf"}]}).pools()[0].server.port == 9200
