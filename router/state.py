@@ -42,15 +42,17 @@ class ServerState:
         self.preparer = Preparer()
 
     @classmethod
-    def build(cls, config: Config) -> ServerState:
+    def build(cls, config: Config, metrics: Metrics | None = None, worker_label: str = "") -> ServerState:
+        """The state of one model's pool (`config` is one of `Config.pools()`); pools share `metrics`, and
+        this pool's workers are labelled `worker_label + index` there."""
         vocab = Vocab.load(resolve_model_path(config.model))
         source = config.model.chat_template or vocab.chat_template()
         template = None
         if source:
             template = ChatTemplate(source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id))
-        metrics = Metrics()
+        metrics = metrics or Metrics()
         dispatcher = Dispatcher(config)
-        metrics.attach(dispatcher)
+        metrics.attach(dispatcher, worker_label)
         schema = config.model.response_schema
         parser = ResponseSchemaParser(schema) if schema else None
         return cls(config, vocab, template, dispatcher, metrics, int(time.time()), parser)

@@ -1,4 +1,4 @@
-"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`, `keys`."""
+"""The `llamafleet` command: `serve` (supervisor + router + workers), `router`, `worker`, `keys`, `check`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-C", "--config", required=True, type=Path, help="JSON config file")
         if name == "worker":
             command.add_argument("--index", type=int, default=0, help="worker index (e.g. GPU index)")
+            command.add_argument(
+                "--model", help="the model (alias) whose pool this worker joins, for a `models` config"
+            )
         else:
             command.add_argument("--host", help="override server.host")
             command.add_argument("--port", type=int, help="override server.port")
         if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
             command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    check = commands.add_parser(
+        "check", help="validate a config without loading a model; print the resolved settings as JSON"
+    )
+    check.add_argument("-C", "--config", required=True, type=Path, help="JSON config file")
+    check.add_argument(
+        "--role",
+        choices=("serve", "router", "worker"),
+        default="serve",
+        help="check what this role needs on this host (keys, sockets); default serve: all of it",
+    )
+    check.add_argument("--index", type=int, default=0, help="the worker index (--role worker)")
+    check.add_argument("--model", help="the model whose pool the worker joins (--role worker, `models`)")
     keys = commands.add_parser(
         "keys", help="write ZeroMQ CURVE key pairs for the router and workers (for workers.keys_dir)"
     )
@@ -81,12 +97,29 @@ def _serve(args: argparse.Namespace) -> int:
     from shared import curve
     from shared.ipc import IpcSockets, check_worker_endpoints
 
-    IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir()).check()
-    check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
-    if config.workers.keys_dir:
-        curve.load_router_keys(config.workers.keys_dir)
-        for index in range(config.workers.count):
-            curve.load_worker_keys(config.workers.keys_dir, index)
+    for pool in config.pools():
+        IpcSockets([pool.requests_endpoint(), pool.results_endpoint()], pool.ipc_dir()).check()
+        check_worker_endpoints([pool.requests_endpoint(), pool.results_endpoint()])
+        if pool.workers.keys_dir:
+            curve.load_router_keys(pool.workers.keys_dir)
+            for index in range(pool.workers.count):
+                curve.load_worker_keys(pool.workers.keys_dir, index)
+    from shared.gpu import check_offload
+
+    for pool, index in config.worker_slots():
+        check_offload(
+            pool.model, pool.workers.override_for(index), f"worker {index} of {pool.model.served_name!r}"
+        )
+    # Fetch, assemble or convert each model once here, with progress in the log, rather than in the router
+    # and every worker at once.
+    from shared.models import ModelSourceError, resolve_model_path
+
+    for pool in config.pools():
+        try:
+            resolve_model_path(pool.model)
+        except ModelSourceError as error:
+            print(f"llamafleet: model {pool.model.served_name!r}: {error}", file=sys.stderr)
+            return 2
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
 
 
@@ -97,8 +130,8 @@ def _run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.api.app import create_app
+    from router.models_registry import ModelRegistry
     from router.process.supervisor import ROUTER_START_FAILED
-    from router.state import ServerState
 
     config = load_config(args.config)
     if args.host:
@@ -109,16 +142,16 @@ def _run_router(args: argparse.Namespace) -> int:
     loop: asyncio.AbstractEventLoop | None = None
     link = None
 
-    async def on_startup(state: ServerState) -> None:
+    async def on_startup(registry: ModelRegistry) -> None:
         nonlocal loop, link
         loop = asyncio.get_running_loop()
         if args.control_fd is not None:
             from router.process.supervisor_link import SupervisorLink
 
-            link = SupervisorLink(args.control_fd, state.dispatcher)
+            link = SupervisorLink(args.control_fd, [state.dispatcher for state in registry.states])
             await link.start()
 
-    async def on_shutdown(state: ServerState) -> None:
+    async def on_shutdown(registry: ModelRegistry) -> None:
         if link is not None:
             await link.close()
 
@@ -127,9 +160,10 @@ def _run_router(args: argparse.Namespace) -> int:
     def cut_off_stragglers() -> None:
         """The drain timeout ran out: end what is still running with an error (an SSE error event for
         streams) instead of letting the server cut the connections mid-body."""
-        app.state.llamafleet.dispatcher.fail_all(
-            503, "service_unavailable", "the server is shutting down and its drain timeout ran out"
-        )
+        for state in app.state.registry.states:
+            state.dispatcher.fail_all(
+                503, "service_unavailable", "the server is shutting down and its drain timeout ran out"
+            )
 
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown; a drained service should exit 0."""
@@ -143,6 +177,19 @@ def _run_router(args: argparse.Namespace) -> int:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # one line that says where to send requests (workers may still be loading)
+                host = config.server.host
+                pools = config.pools()
+                log.info(
+                    "router listening on http://%s:%d/v1 for %s; workers connect to %s",
+                    f"[{host}]" if ":" in host else host,
+                    config.server.port,
+                    ", ".join(pool.model.served_name for pool in pools),
+                    ", ".join(f"{pool.requests_endpoint()} + {pool.results_endpoint()}" for pool in pools),
+                )
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if not self.should_exit and loop is not None:
@@ -176,9 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             tune_openmp()  # before llama_cpp loads libgomp
             from worker.main import run_worker
 
-            return run_worker(load_config(args.config), args.index)
+            return run_worker(load_config(args.config).pool(args.model), args.index)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check":
+            from shared.check import run_check
+
+            config = load_config(args.config)
+            if args.role == "worker" and args.model is not None:
+                config = config.pool(args.model)
+            return run_check(config, args.role, args.index)
         return _run_router(args)
     except ConfigError as error:
         print(f"llamafleet: {error}", file=sys.stderr)

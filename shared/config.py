@@ -1,5 +1,10 @@
 """Typed configuration: the seed's JSON format (`server`, `model`, `disk_cache`) plus our `workers` section.
 
+Several models behind one router: `models`, a list of model sections each with its own `workers` section,
+instead of `model` (and the top-level `workers`). `Config.pools()` turns either form into one `Config` per
+model (a *pool*: its model, its workers, its own sockets), which is what the router's per-model state, the
+dispatcher and the workers take, so they never see the difference.
+
 Every section forbids unknown fields so that a misspelt key is an error naming the field and the file, not a
 setting that silently does nothing. Environment variables (`LLAMAFLEET_SERVER__PORT=9000`, nested with `__`)
 override the file, so systemd units can tweak one value without a second config.
@@ -12,7 +17,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _STRICT = ConfigDict(extra="forbid")
@@ -149,8 +162,11 @@ class ModelOptions(BaseModel):
     chat_template: str | None = None
     loras: list[LoraOptions] = Field(default_factory=list)
     mtmd: MTMDOptions | None = None
-    # llama_model_params
+    # llama_model_params. n_gpu_layers: -1 (llama.cpp's default when unset) puts every layer on the GPU where
+    # the build can; a positive count on a build without GPU offload refuses to start unless
+    # allow_cpu_fallback (shared/gpu.py).
     n_gpu_layers: int | None = None
+    allow_cpu_fallback: bool = False
     split_mode: int | None = None
     main_gpu: int | None = None
     tensor_split: list[float] | None = None
@@ -304,6 +320,15 @@ class WorkersOptions(BaseModel):
         return self.overrides[index] if index < len(self.overrides) else WorkerOverride()
 
 
+class ModelEntry(ModelOptions):
+    """One entry of `models`: a model section with its own `workers` section (its own pool)."""
+
+    workers: WorkersOptions = Field(default_factory=WorkersOptions)
+
+    def model_section(self) -> ModelOptions:
+        return ModelOptions.model_validate(self.model_dump(exclude={"workers"}, exclude_unset=True))
+
+
 class Config(BaseSettings):
     """The whole config file; environment variables `LLAMAFLEET_<SECTION>__<FIELD>` override it."""
 
@@ -315,9 +340,73 @@ class Config(BaseSettings):
     )
 
     server: ServerOptions = Field(default_factory=ServerOptions)
+    # With `models`, `model` is filled with the first entry (the default for requests naming no model).
     model: ModelOptions
+    models: list[ModelEntry] | None = Field(default=None, min_length=1)
     disk_cache: DiskCacheOptions | None = None
     workers: WorkersOptions = Field(default_factory=WorkersOptions)
+    # Pools after the first of a `models` config name their default sockets `m<K>-requests.sock` etc.
+    _socket_prefix: str = PrivateAttr(default="")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_or_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("models") is None:
+            return data
+        for field in ("model", "workers"):
+            if field in data:
+                raise ValueError(
+                    f"`{field}` and `models` cannot both be set: with `models`, each entry is a model "
+                    "section with its own `workers` section (environment overrides of model.* and "
+                    "workers.* do not apply to it)"
+                )
+        models = data["models"]
+        if isinstance(models, list) and models and isinstance(models[0], dict):
+            first = {k: v for k, v in models[0].items() if k in ModelOptions.model_fields}
+            data = {**data, "model": first}  # its errors are reported under models.0
+        return data
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [entry.served_name for entry in self.models or []]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two entries of `models` are served as {name!r}: give each an `alias`")
+        return self
+
+    def pools(self) -> list[Config]:
+        """One config per model: this one, or one per `models` entry (sharing `server` and `disk_cache`)."""
+        if self.models is None:
+            return [self]
+        pools = []
+        for index, entry in enumerate(self.models):
+            pool = Config.model_construct(
+                server=self.server,
+                model=entry.model_section(),
+                models=None,
+                disk_cache=self.disk_cache,
+                workers=entry.workers,
+            )
+            pool._socket_prefix = f"m{index}-" if index else ""
+            pools.append(pool)
+        return pools
+
+    def worker_slots(self) -> list[tuple[Config, int]]:
+        """Every worker of every pool as (pool, index in the pool), in one numbering: what `serve` and the
+        router's supervisor link call worker N (pool after pool)."""
+        return [(pool, index) for pool in self.pools() for index in range(pool.workers.count)]
+
+    def pool(self, name: str | None) -> Config:
+        """The pool serving `name` (None: the only one); a ConfigError naming the choices otherwise."""
+        pools = self.pools()
+        if name is None and len(pools) == 1:
+            return pools[0]
+        for pool in pools:
+            if pool.model.served_name == name:
+                return pool
+        names = ", ".join(repr(pool.model.served_name) for pool in pools)
+        what = f"no model {name!r}" if name is not None else "several models"
+        raise ConfigError(f"{what} in the config: pass --model with one of {names}")
 
     @classmethod
     def settings_customise_sources(
@@ -343,10 +432,16 @@ class Config(BaseSettings):
         return [endpoint for endpoint in endpoints if is_network_endpoint(endpoint)]
 
     def requests_endpoint(self) -> str:
-        return self.workers.requests_endpoint or f"ipc://{self.ipc_dir() / 'requests.sock'}"
+        return (
+            self.workers.requests_endpoint
+            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'requests.sock')}"
+        )
 
     def results_endpoint(self) -> str:
-        return self.workers.results_endpoint or f"ipc://{self.ipc_dir() / 'results.sock'}"
+        return (
+            self.workers.results_endpoint
+            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'results.sock')}"
+        )
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

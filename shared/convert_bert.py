@@ -135,6 +135,11 @@ def convert_sentence_transformer(src_dir: Path, out_path: Path, *, dtype: Dtype 
     return out_path
 
 
+def converted_from(src_dir: Path, out_path: Path, *, dtype: Dtype = "f16") -> bool:
+    """Whether `out_path` already holds this converter's conversion of `src_dir` (nothing to do)."""
+    return _stored_fingerprint(out_path) == source_fingerprint(_model_dir(Path(src_dir)), dtype)
+
+
 def source_fingerprint(src_dir: Path, dtype: Dtype = "f16") -> str:
     """A cheap identity of the source: name, size and mtime of every input file."""
     entries: list[Any] = [CONVERTER_VERSION, dtype]

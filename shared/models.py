@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shared.config import FromPretrainedOptions, ModelOptions, PackagedOptions
+from shared.progress import LoggedProgress, timed
 
 
 class ModelSourceError(RuntimeError):
@@ -76,16 +77,21 @@ def _gemma3_270m(dest: Path) -> Path:
         tmp.unlink()
         gemma_package.assemble(tmp)  # joins the chunks and checks their sha256
 
-    _atomic_build(target, build)
+    with timed(f"assembling the packaged Gemma 3 270M into {target} (once)"):
+        _atomic_build(target, build)
     marker.write_text(str(target.stat().st_size))
     return target
 
 
 def _minilm(dest: Path) -> Path:
-    from shared.convert_bert import convert_sentence_transformer, packaged_minilm_source_dir
+    from shared.convert_bert import convert_sentence_transformer, converted_from, packaged_minilm_source_dir
 
     target = dest / "all-MiniLM-L6-v2-f32.gguf"
-    return convert_sentence_transformer(packaged_minilm_source_dir(), target)
+    source = packaged_minilm_source_dir()
+    if target.is_file() and converted_from(source, target):
+        return target
+    with timed(f"converting the packaged all-MiniLM-L6-v2 into {target} (once)"):
+        return convert_sentence_transformer(source, target)
 
 
 # Package name (as in pyproject / pip) -> function making the GGUF under a destination folder.
@@ -163,6 +169,7 @@ def _download(options: FromPretrainedOptions, repo_file: str) -> Path:
             revision=options.revision,
             cache_dir=options.cache_dir,
             local_dir=options.local_dir,
+            tqdm_class=LoggedProgress,  # progress as log lines (nothing is logged for a cached file)
         )
     except Exception as error:
         raise ModelSourceError(

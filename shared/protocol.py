@@ -142,6 +142,12 @@ class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recurrent: bool
     can_shift: bool
     description: str
+    # Where it runs (shared/gpu.py): the backend (CPU, CUDA, Vulkan...), every device of the build, and how
+    # many of the model's n_layer + 1 layers went to a GPU.
+    backend: str = "CPU"
+    devices: tuple[str, ...] = ()
+    offloaded_layers: int = 0
+    n_layer: int = 0
 
 
 class WorkerInfo(ModelInfo, frozen=True, forbid_unknown_fields=True):

@@ -151,6 +151,9 @@ class Vocab:
         """The bytes of a token including control tokens' own text (for echo and logprob tokens)."""
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:  # a longer piece: llama.cpp says how long
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[: max(n, 0)]
 
     def display(self, token: int) -> str:
@@ -170,6 +173,18 @@ class Vocab:
             return False
         llama_cpp.llama_sampler_free(sampler)
         return True
+
+    def render(self, tokens: list[int]) -> str:
+        """Token ids back to text as llama.cpp's `llama_detokenize` writes it (control tokens as their text,
+        a sentencepiece vocabulary's leading space removed) for /detokenize. Ids must be checked first."""
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        capacity = 16 + 8 * len(tokens)
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = llama_cpp.llama_detokenize(self._vocab, ids, len(tokens), buf, capacity, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            capacity = -n
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")

@@ -15,6 +15,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from shared import gpu
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import ModelInfo
 from shared.vocab import Vocab, init_backend
@@ -172,6 +173,8 @@ class LlamaEngine:
         self.n_seq_max = int(llama_cpp.llama_n_seq_max(ctx))
         self.embedding = embedding
         self.batch = BatchBuffer(self.n_batch)
+        devices = gpu.devices()
+        n_layer = int(llama_cpp.llama_model_n_layer(model))
         self.info = EngineInfo(
             n_ctx=int(llama_cpp.llama_n_ctx(ctx)),
             n_ctx_seq=int(llama_cpp.llama_n_ctx_seq(ctx)),
@@ -187,6 +190,12 @@ class LlamaEngine:
             ),
             can_shift=bool(llama_cpp.llama_memory_can_shift(self.memory)),
             description=self._description(),
+            backend=gpu.backend_name(devices),
+            devices=tuple(device.label() for device in devices),
+            offloaded_layers=gpu.offloaded_layers(
+                gpu.requested_gpu_layers(options, override), n_layer, devices
+            ),
+            n_layer=n_layer,
         )
 
     @staticmethod

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from shared import curve, protocol
+from shared import curve, gpu, protocol
 from shared.config import Config
 from shared.ipc import check_worker_endpoints
 from shared.models import resolve_model_path
@@ -81,6 +81,8 @@ class WorkerProcess:
         self.index = index
         self.stopping = False
         self.codec = protocol.worker_codec()
+        # A GPU config on a build that cannot offload: a config error before anything starts.
+        gpu.check_offload(config.model, config.workers.override_for(index), f"worker {index}")
         # CURVE keys (a config error if missing) and a private ipc folder, before any socket exists.
         keys = curve.load_worker_keys(config.workers.keys_dir, index) if config.workers.keys_dir else None
         check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
@@ -134,6 +136,15 @@ class WorkerProcess:
         override = self.config.workers.override_for(self.index)
         model_path = resolve_model_path(self.config.model)
         self.engine = LlamaEngine(self.config.model, model_path, override)
+        info = self.engine.info
+        log.info(
+            "worker %d runs on %s: devices %s; offloaded %d/%d layers to GPU",
+            self.index,
+            info.backend,
+            ", ".join(info.devices) or "none",
+            info.offloaded_layers,
+            info.n_layer + 1,
+        )
         disk = None
         if self.config.disk_cache is not None and not self.engine.embedding:
             try:

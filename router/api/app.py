@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.api import openapi as docs
-from router.api.auth import HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
+from router.api.auth import ALWAYS_OPEN, HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
 from router.api.errors import APIError, install_error_handlers, retry_headers
 from router.api.limits import BodySizeLimit
 from router.api.metrics import RequestMetrics
@@ -24,14 +24,15 @@ from router.endpoints.embeddings import EmbeddingRequest, check_generation, crea
 from router.endpoints.responses import ResponsesRequest
 from router.endpoints.responses_events import create_response
 from router.endpoints.responses_ws import serve_responses_websocket
+from router.endpoints.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from router.models_registry import ModelRegistry
 from router.openai.requests import ChatCompletionRequest, CompletionRequest
-from router.state import ServerState
 from shared.config import Config
 
 log = logging.getLogger(__name__)
 
 # Hooks a supervisor passes in to start and stop the workers it owns around the router's life.
-LifecycleHook = Callable[[ServerState], Awaitable[None]]
+LifecycleHook = Callable[[ModelRegistry], Awaitable[None]]
 
 
 def create_app(
@@ -39,31 +40,38 @@ def create_app(
     on_startup: LifecycleHook | None = None,
     on_shutdown: LifecycleHook | None = None,
 ) -> FastAPI:
-    state = ServerState.build(config)
+    registry = ModelRegistry.build(config)
+    state = registry.default  # what every model shares: server options, metrics
+    lookup = registry.lookup
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.dispatcher.start()
+        for pool in registry.states:
+            await pool.dispatcher.start()
         if on_startup is not None:
-            await on_startup(state)
+            await on_startup(registry)
         try:
             yield
         finally:
             if on_shutdown is not None:
-                await on_shutdown(state)
-            await state.dispatcher.close()
-            state.preparer.close()  # before the vocabulary it may be using goes
-            state.vocab.close()
+                await on_shutdown(registry)
+            for pool in registry.states:
+                await pool.dispatcher.close()
+                pool.preparer.close()  # before the vocabulary it may be using goes
+                pool.vocab.close()
 
     app = FastAPI(title="llamafleet", lifespan=lifespan)
     app.state.llamafleet = state
+    app.state.registry = registry
     install_error_handlers(app)
     api_keys = load_api_keys(config.server, os.environ)
     protect = config.server.protect_health_and_metrics
     # Added before CORS, so CORS (the outer one) answers preflight requests, which carry no key.
     app.add_middleware(ApiKeyMiddleware, keys=api_keys, protect_health_and_metrics=protect)
     app.add_middleware(BodySizeLimit, max_bytes=config.server.max_request_bytes)
-    docs.install_openapi(app, bool(api_keys), set() if protect else set(HEALTH_AND_METRICS))
+    docs.install_openapi(
+        app, bool(api_keys), set(ALWAYS_OPEN) | (set() if protect else set(HEALTH_AND_METRICS))
+    )
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -76,10 +84,13 @@ def create_app(
 
     @app.get("/healthz", responses=docs.HEALTH)
     async def healthz() -> Response:
-        up = len(state.dispatcher.up_workers())
-        status = "ok" if up else "unavailable"
-        body = {"status": status, "workers_up": up, "workers": len(state.dispatcher.workers)}
+        up, body = registry.health()
         return JSONResponse(body, status_code=200 if up else 503, headers=None if up else retry_headers(503))
+
+    @app.get("/livez", responses=docs.LIVE)
+    async def livez() -> dict[str, str]:
+        """Liveness: 200 while the router answers, whether or not workers are ready (that is /healthz)."""
+        return {"status": "alive"}
 
     @app.get("/metrics", responses=docs.METRICS)
     async def metrics() -> Response:
@@ -87,31 +98,25 @@ def create_app(
 
     @app.get("/v1/models", responses=docs.MODELS)
     async def list_models() -> dict[str, Any]:
-        info = state.dispatcher.model_info()
-        card: dict[str, Any] = {
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "llamafleet",
-        }
-        if info is not None:
-            card["meta"] = {"n_ctx": info.n_ctx_seq, "n_vocab": info.n_vocab}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": registry.model_cards()}
 
     @app.post("/v1/completions", responses=docs.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_generation(state, body.model)
-        return await create_completion(state, body, request)
+        pool = lookup(body.model)
+        check_generation(pool, body.model)
+        return await create_completion(pool, body, request)
 
     @app.post("/v1/chat/completions", responses=docs.CHAT_COMPLETIONS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        check_generation(state, body.model)
-        return await create_chat_completion(state, body, request)
+        pool = lookup(body.model)
+        check_generation(pool, body.model)
+        return await create_chat_completion(pool, body, request)
 
     @app.post("/v1/responses", responses=docs.RESPONSES)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
-        check_generation(state, body.model)
-        return await create_response(state, body, request)
+        pool = lookup(body.model)
+        check_generation(pool, body.model)
+        return await create_response(pool, body, request)
 
     @app.get("/v1/responses", responses=docs.RESPONSES_UPGRADE)
     async def responses_upgrade_required() -> Response:
@@ -126,10 +131,20 @@ def create_app(
 
     @app.websocket("/v1/responses")
     async def responses_websocket(websocket: WebSocket) -> None:
-        await serve_responses_websocket(state, websocket)
+        await serve_responses_websocket(state, websocket, lookup)
 
     @app.post("/v1/embeddings", responses=docs.EMBEDDINGS)
     async def embeddings(body: EmbeddingRequest) -> Response:
-        return await create_embeddings(state, body)
+        return await create_embeddings(lookup(body.model), body)
+
+    @app.post("/tokenize", responses=docs.TOKENIZE)
+    async def tokenize_text(body: TokenizeRequest) -> dict[str, Any]:
+        pool = lookup(body.model)
+        return await pool.preparer.run(tokenize, pool, body)
+
+    @app.post("/detokenize", responses=docs.DETOKENIZE)
+    async def detokenize_tokens(body: DetokenizeRequest) -> dict[str, Any]:
+        pool = lookup(body.model)
+        return await pool.preparer.run(detokenize, pool, body)
 
     return app

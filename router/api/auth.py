@@ -27,6 +27,9 @@ from shared.config import ConfigError, ServerOptions
 
 ENV_VAR = "LLAMAFLEET_API_KEYS"
 HEALTH_AND_METRICS = frozenset({"/healthz", "/metrics"})
+# Liveness says only that the process answers: open even with protect_health_and_metrics, so a kubelet's
+# probe needs no key.
+ALWAYS_OPEN = frozenset({"/livez"})
 
 
 class ApiKeys:
@@ -83,7 +86,7 @@ class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: ApiKeys, protect_health_and_metrics: bool) -> None:
         self.app = app
         self.keys = keys
-        self.open_paths = frozenset() if protect_health_and_metrics else HEALTH_AND_METRICS
+        self.open_paths = ALWAYS_OPEN | (frozenset() if protect_health_and_metrics else HEALTH_AND_METRICS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (

@@ -100,8 +100,13 @@ _WORKER_STATS = {
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self._dispatcher = dispatcher
+    """Every pool's workers in one set of families (one collector: a family may be registered only once)."""
+
+    def __init__(self) -> None:
+        self._pools: list[tuple[str, Dispatcher]] = []
+
+    def add(self, dispatcher: Dispatcher, label: str) -> None:
+        self._pools.append((label, dispatcher))
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         up = GaugeMetricFamily("llamafleet_worker_up", "1 while the worker is ready", labels=["worker"])
@@ -117,20 +122,41 @@ class _WorkerCollector(Collector):
                 if is_counter
                 else GaugeMetricFamily(name, help_text, labels=["worker"])
             )
-        for worker in self._dispatcher.workers.values():
-            label = [str(worker.index)]
-            up.add_metric(label, 1.0 if worker.up else 0.0)
-            in_flight.add_metric(label, float(len(worker.in_flight)))
-            for key, family in families.items():
-                family.add_metric(label, float(getattr(worker.stats, key)))
+        build = GaugeMetricFamily(
+            "llamafleet_worker_build_info",
+            "1 per ready worker: its llama.cpp backend and devices",
+            labels=["worker", "backend", "devices"],
+        )
+        offloaded = GaugeMetricFamily(
+            "llamafleet_worker_offloaded_layers", "Model layers on a GPU", labels=["worker"]
+        )
+        layers = GaugeMetricFamily(
+            "llamafleet_worker_layers", "Model layers (n_layer + output)", labels=["worker"]
+        )
+        for prefix, dispatcher in self._pools:
+            for worker in dispatcher.workers.values():
+                label = [f"{prefix}{worker.index}"]
+                info = worker.info
+                if worker.up and info is not None:
+                    build.add_metric([*label, info.backend, "; ".join(info.devices)], 1.0)
+                    offloaded.add_metric(label, float(info.offloaded_layers))
+                    layers.add_metric(label, float(info.n_layer + 1))
+                up.add_metric(label, 1.0 if worker.up else 0.0)
+                in_flight.add_metric(label, float(len(worker.in_flight)))
+                for key, family in families.items():
+                    family.add_metric(label, float(getattr(worker.stats, key)))
         yield up
         yield in_flight
+        yield build
+        yield offloaded
+        yield layers
         yield from families.values()
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._workers: _WorkerCollector | None = None
         self.requests = Counter(
             "llamafleet_requests",
             "HTTP requests by endpoint and status",
@@ -170,8 +196,12 @@ class Metrics:
             registry=self.registry,
         )
 
-    def attach(self, dispatcher: Dispatcher) -> None:
-        self.registry.register(_WorkerCollector(dispatcher))
+    def attach(self, dispatcher: Dispatcher, label: str = "") -> None:
+        """Adds a pool's workers to /metrics, labelled `worker="<label><index>"`."""
+        if self._workers is None:
+            self._workers = _WorkerCollector()
+            self.registry.register(self._workers)
+        self._workers.add(dispatcher, label)
 
 
 def route_label(request: Request) -> str:

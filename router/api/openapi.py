@@ -22,12 +22,14 @@ from router.openai.answers import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
+    DetokenizeAnswer,
     EmbeddingList,
     ErrorBody,
     Health,
     ModelList,
     ResponseObject,
     ResponseStreamEvent,
+    TokenizeAnswer,
 )
 
 Responses = dict[int | str, dict[str, Any]]
@@ -35,7 +37,7 @@ Responses = dict[int | str, dict[str, Any]]
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: a malformed body, a value out of range, a prompt beyond the context",
     401: "Invalid or missing API key (only when the server has one)",
-    404: "The requested model is not the one this server serves",
+    404: "The requested model is not one this server serves",
     413: "The request body is larger than the server accepts",
     426: "Not a WebSocket upgrade: this path serves the Responses WebSocket",
     429: "The queue is full; retry after Retry-After seconds",
@@ -135,10 +137,27 @@ EMBEDDINGS: Responses = {
     200: {"model": EmbeddingList, "description": "The vectors"},
     **_errors(*_POST_ERRORS),
 }
-MODELS: Responses = {200: {"model": ModelList, "description": "The one model this server serves"}}
+# The router answers these from its vocabulary: no worker, so no 429, 500 or 503.
+TOKENIZE: Responses = {
+    200: {"model": TokenizeAnswer, "description": "The token ids"},
+    **_errors(400, 404, 413),
+}
+DETOKENIZE: Responses = {
+    200: {"model": DetokenizeAnswer, "description": "The text"},
+    **_errors(400, 404, 413),
+}
+MODELS: Responses = {200: {"model": ModelList, "description": "The models this server serves"}}
 HEALTH: Responses = {
-    200: {"model": Health, "description": "A worker is ready"},
-    503: {**_error(503), "model": Health, "description": "No worker is ready"},
+    200: {"model": Health, "description": "Every model has a worker ready"},
+    503: {**_error(503), "model": Health, "description": "Some model has no worker ready"},
+}
+LIVE: Responses = {
+    200: {
+        "description": "The router process answers (liveness; readiness is /healthz)",
+        "content": {
+            "application/json": {"schema": {"type": "object", "properties": {"status": {"const": "alive"}}}}
+        },
+    }
 }
 METRICS: Responses = {
     200: {

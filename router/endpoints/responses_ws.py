@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import WebSocket
@@ -34,6 +35,9 @@ from router.endpoints.embeddings import check_generation
 from router.endpoints.responses import ResponsesRequest, input_items, start_response, validation_error
 from router.endpoints.responses_events import ResponseRun
 from router.state import ServerState
+
+# The state serving a request's `model` (router/models_registry.py); an APIError 404 for an unknown one.
+Lookup = Callable[[str | None], ServerState]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +54,14 @@ async def _deny(websocket: WebSocket, status: int, message: str, kind: str, code
         await websocket.close(code=1008, reason=message[:120])
 
 
-async def serve_responses_websocket(state: ServerState, websocket: WebSocket) -> None:
+async def serve_responses_websocket(
+    state: ServerState, websocket: WebSocket, lookup: Lookup | None = None
+) -> None:
     """The WebSocket route: checks the handshake, then serves the connection until it closes.
 
-    The API key was checked before this runs, by router/api/auth.py's middleware."""
+    `lookup` finds the state serving each message's `model` (several models behind one router); without
+    it every message goes to `state`. The API key was checked before this runs, by router/api/auth.py's
+    middleware."""
     if not state.config.server.responses_websocket:
         await _deny(
             websocket,
@@ -64,14 +72,15 @@ async def serve_responses_websocket(state: ServerState, websocket: WebSocket) ->
         )
         return
     await websocket.accept()
-    await ResponsesSession(state, websocket).run()
+    await ResponsesSession(state, websocket, lookup).run()
 
 
 class ResponsesSession:
     """One connection: its inbox, its kept responses, and the response running now."""
 
-    def __init__(self, state: ServerState, websocket: WebSocket) -> None:
+    def __init__(self, state: ServerState, websocket: WebSocket, lookup: Lookup | None = None) -> None:
         self.state = state
+        self.lookup = lookup
         self.websocket = websocket
         # response id -> the input items that replay it (its conversation, then its output items)
         self.history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
@@ -181,10 +190,11 @@ class ResponsesSession:
         previous = payload.get("previous_response_id")
         try:
             body, items = self._request(payload)
-            check_generation(self.state, body.model)
-            with self.state.admission.reserve(1, "input"):
+            state = self.lookup(body.model) if self.lookup is not None else self.state
+            check_generation(state, body.model)
+            with state.admission.reserve(1, "input"):
                 prepared = await start_response(
-                    self.state,
+                    state,
                     body,
                     "ws",
                     previous_response_id=previous if isinstance(previous, str) else None,
@@ -196,7 +206,7 @@ class ResponsesSession:
         except WorkerFailure as failure:
             await self._error(from_worker_failure(failure), stream_id)
             return
-        run = ResponseRun(self.state, prepared, stream_id)
+        run = ResponseRun(state, prepared, stream_id)
         if await self._stream(run) and run.final is not None and run.final["status"] != "failed":
             self._remember(run.final["id"], items, run.final["output"])
 

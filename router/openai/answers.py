@@ -200,19 +200,59 @@ class ModelCard(BaseModel):
     meta: ModelMeta | None = None
 
 
+class TokenPiece(BaseModel):
+    model_config = _OPEN
+    id: int
+    piece: str | list[int] = Field(description="the text, or its bytes when not valid UTF-8 on their own")
+
+
+class TokenizeAnswer(BaseModel):
+    """POST /tokenize: llama-server's `tokens` (ids, or with pieces), vLLM's `count` and `max_model_len`."""
+
+    model_config = _OPEN
+    tokens: list[int] | list[TokenPiece]
+    count: int
+    max_model_len: int | None = Field(description="the context per sequence, once a worker reported it")
+    token_strs: list[str] | None = None
+
+
+class DetokenizeAnswer(BaseModel):
+    """POST /detokenize: the text as llama-server's `content` and vLLM's `prompt`."""
+
+    model_config = _OPEN
+    content: str
+    prompt: str
+
+
 class ModelList(BaseModel):
     model_config = _OPEN
     object: Literal["list"]
     data: list[ModelCard]
 
 
+class Placement(BaseModel):
+    model_config = _OPEN
+    backend: str = Field(description="CPU, CUDA, Vulkan, ...")
+    devices: list[str]
+    offloaded_layers: int
+    layers: int
+
+
+class PoolHealth(BaseModel):
+    model_config = _OPEN
+    workers_up: int
+    workers: int
+    placement: dict[str, Placement] = Field(description="each ready worker (by index): where it runs")
+
+
 class Health(BaseModel):
-    """200 with `ok` while a worker is up, 503 with `unavailable` otherwise."""
+    """200 with `ok` while every model has a worker up, 503 with `unavailable` otherwise."""
 
     model_config = _OPEN
     status: Literal["ok", "unavailable"]
     workers_up: int
     workers: int
+    models: dict[str, PoolHealth] = Field(description="each model's pool, by the name clients send")
 
 
 class ResponseObject(BaseModel):

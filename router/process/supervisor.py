@@ -74,9 +74,14 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.router_args = router_args
-        backoff = config.workers.restart_backoff_seconds
-        self.router = Child("router", RestartPolicy(backoff))
-        self.workers = {i: Child(f"worker {i}", RestartPolicy(backoff)) for i in range(config.workers.count)}
+        self.router = Child("router", RestartPolicy(config.workers.restart_backoff_seconds))
+        # Workers numbered pool after pool (Config.worker_slots), as the router's link numbers them.
+        self.slots = config.worker_slots()
+        self.several_models = len(config.pools()) > 1
+        self.workers = {
+            i: Child(self._worker_name(i), RestartPolicy(pool.workers.restart_backoff_seconds))
+            for i, (pool, _) in enumerate(self.slots)
+        }
         self.ready: set[int] = set()
         self._ready_changed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -89,14 +94,23 @@ class Supervisor:
 
     # -- processes -------------------------------------------------------------------------------
 
+    def _worker_name(self, index: int) -> str:
+        pool, local = self.slots[index]
+        return f"worker {pool.model.served_name}/{local}" if self.several_models else f"worker {local}"
+
     def _env(self, index: int | None) -> dict[str, str]:
         env = dict(os.environ)
         if index is not None:
-            env.update(self.config.workers.env)
-            env.update(self.config.workers.override_for(index).env)
-        # The router may have been given another port on the command line: pass the endpoints it binds.
-        env["LLAMAFLEET_WORKERS__REQUESTS_ENDPOINT"] = self.config.requests_endpoint()
-        env["LLAMAFLEET_WORKERS__RESULTS_ENDPOINT"] = self.config.results_endpoint()
+            pool, local = self.slots[index]
+            env.update(pool.workers.env)
+            env.update(pool.workers.override_for(local).env)
+        if self.several_models:
+            # Each pool's default sockets live in the per-port folder: pass the port the router uses.
+            env["LLAMAFLEET_SERVER__PORT"] = str(self.config.server.port)
+        else:
+            # The router may have been given another port on the command line: pass the endpoints it binds.
+            env["LLAMAFLEET_WORKERS__REQUESTS_ENDPOINT"] = self.config.requests_endpoint()
+            env["LLAMAFLEET_WORKERS__RESULTS_ENDPOINT"] = self.config.results_endpoint()
         return env
 
     async def _exec(self, args: list[str], env: dict[str, str], **kwargs: Any) -> asyncio.subprocess.Process:
@@ -117,9 +131,13 @@ class Supervisor:
 
     async def _spawn_worker(self, index: int) -> None:
         child = self.workers[index]
-        child.process = await self._exec(["worker", "--index", str(index)], self._env(index))
+        pool, local = self.slots[index]
+        args = ["worker", "--index", str(local)]
+        if self.several_models:
+            args += ["--model", pool.model.served_name]
+        child.process = await self._exec(args, self._env(index))
         child.started_at = time.monotonic()
-        log.info("started worker %d (pid %d)", index, child.process.pid)
+        log.info("started %s (pid %d)", child.name, child.process.pid)
 
     async def _spawn_router(self) -> None:
         ours, theirs = socket.socketpair()
@@ -192,10 +210,12 @@ class Supervisor:
         """A worker that stopped answering heartbeats: kill it (SIGKILL reaches a stopped process too);
         its watcher restarts it."""
         child = self.workers.get(index)
-        process = child.process if child is not None else None
-        if process is None or process.returncode is not None or (pid and process.pid != pid):
+        if child is None or child.process is None:
+            return
+        process = child.process
+        if process.returncode is not None or (pid and process.pid != pid):
             return  # already gone, or a newer process of that index
-        log.warning("worker %d (pid %d) stopped answering heartbeats; killing it", index, process.pid)
+        log.warning("%s (pid %d) stopped answering heartbeats; killing it", child.name, process.pid)
         with contextlib.suppress(ProcessLookupError):
             process.kill()
 
@@ -226,7 +246,8 @@ class Supervisor:
         return 0
 
     async def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.config.workers.ready_timeout_seconds
+        timeout = max(pool.workers.ready_timeout_seconds for pool in self.config.pools())
+        deadline = time.monotonic() + timeout
         while len(self.ready) < len(self.workers):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stop.is_set():
@@ -234,7 +255,12 @@ class Supervisor:
             self._ready_changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ready_changed.wait(), min(remaining, 0.5))
-        log.info("all %d workers ready", len(self.workers))
+        server = self.config.server
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        names = ", ".join(pool.model.served_name for pool in self.config.pools())
+        log.info(
+            "ready: http://%s:%d/v1 serving %s (%d workers)", host, server.port, names, len(self.workers)
+        )
         return True
 
     async def _shutdown(self) -> None:

@@ -187,8 +187,9 @@ def start_apart(
 
 @contextlib.contextmanager
 def run_server(
-    model: dict[str, Any],
+    model: dict[str, Any] | None,
     *,
+    models: list[dict[str, Any]] | None = None,
     server: dict[str, Any] | None = None,
     workers: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -198,7 +199,10 @@ def run_server(
     umask: int = -1,
     client_key: str | None = None,
 ) -> Iterator[Server]:
-    """`api_key` goes into the config; `client_key` (default: `api_key`) is what the test's clients send."""
+    """`api_key` goes into the config; `client_key` (default: `api_key`) is what the test's clients send.
+
+    `models` (with `model` None) serves several models: each entry a model section with its own `workers`
+    section (default sockets, in the port's own folder)."""
     run_dir = Path(tempfile.mkdtemp(prefix="lf-"))
     port = free_port()
     config: dict[str, Any] = {
@@ -211,6 +215,10 @@ def run_server(
         },
         **(extra or {}),
     }
+    if models is not None:
+        assert model is None and workers is None, "`models` replaces `model` and `workers`"
+        del config["model"], config["workers"]
+        config["models"] = models
     if api_key:
         config["server"]["api_key"] = api_key
     config_path = run_dir / "config.json"

@@ -188,7 +188,9 @@ def test_router_and_worker_in_two_namespaces_with_curve(
         assert rogue_public in router.text()
         again = _client(router_ns, "complete")
         assert again["status"] == 200, again
-        assert again["health"] == {"status": "ok", "workers_up": 1, "workers": 1}
+        health = again["health"]
+        assert (health["status"], health["workers_up"], health["workers"]) == ("ok", 1, 1)
+        assert list(health["models"]["test-model"]["placement"]) == ["0"]  # not the refused worker 1
         assert "worker 1 ready" not in router.text()
         assert rogue.process.wait(60) == 2  # ZeroMQ does not retry a refused key: the worker exits
         assert "refused this worker's CURVE key" in rogue.text()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,66 @@ def test_cli_reports_bad_config_and_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "model.threadz: unknown field" in result.stderr and str(path) in result.stderr
+
+
+def test_models_list_makes_one_pool_per_model() -> None:
+    config = parse_config(
+        {
+            "server": {"port": 9100},
+            "models": [
+                {"path": "a.gguf", "alias": "a", "n_ctx": 512},
+                {"path": "b.gguf", "alias": "b", "workers": {"count": 2, "routing": "least_loaded"}},
+            ],
+        }
+    )
+    first, second = config.pools()
+    assert (first.model.served_name, first.model.n_ctx, first.workers.count) == ("a", 512, 1)
+    assert (second.model.served_name, second.workers.count, second.workers.routing) == (
+        "b",
+        2,
+        "least_loaded",
+    )
+    assert first.requests_endpoint().endswith("llamafleet-9100/requests.sock")
+    assert second.requests_endpoint().endswith("llamafleet-9100/m1-requests.sock")
+    assert config.model.served_name == "a"  # requests naming no model go to the first
+    assert [(pool.model.served_name, index) for pool, index in config.worker_slots()] == [
+        ("a", 0),
+        ("b", 0),
+        ("b", 1),
+    ]
+    assert config.pool("b") is not None and config.pool("b").model.path == "b.gguf"
+
+
+def test_a_single_model_config_is_its_own_pool() -> None:
+    config = parse_config({"model": {"path": "m.gguf"}})
+    assert config.pools() == [config]
+    assert config.pool(None) is config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"path": "a.gguf"}, "models": [{"path": "b.gguf"}]}, "`model` and `models` cannot both"),
+        ({"workers": {"count": 2}, "models": [{"path": "b.gguf"}]}, "`workers` and `models` cannot both"),
+        ({"models": [{"path": "a.gguf"}, {"path": "a.gguf"}]}, "served as 'a'"),
+        ({"models": []}, "models: List should have at least 1 item"),
+        ({"models": [{"path": "a.gguf", "workerz": {}}]}, "models.0.workerz: unknown field"),
+        ({"models": [{"path": "a.gguf"}, {"alias": "b"}]}, "exactly one of model.path"),
+    ],
+)
+def test_models_errors_name_the_field(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert message in str(caught.value)
+
+
+def test_model_overrides_from_the_environment_are_refused_with_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLAMAFLEET_MODEL__N_CTX", "512")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"models": [{"path": "a.gguf"}]})
+    assert "`model` and `models` cannot both be set" in str(caught.value)
+    monkeypatch.delenv("LLAMAFLEET_MODEL__N_CTX")
+    monkeypatch.setenv("LLAMAFLEET_SERVER__PORT", "9200")  # server overrides still apply
+    assert parse_config({"models": [{"path": "a.gguf"}]}).pools()[0].server.port == 9200

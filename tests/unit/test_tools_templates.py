@@ -23,7 +23,9 @@ from tests.unit.gbnf_match import matches
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
-    p for p in (REPO / "configs").glob("*.json") if "chat_template" in json.loads(p.read_text())["model"]
+    p
+    for p in (REPO / "configs").glob("*.json")
+    if "chat_template" in json.loads(p.read_text()).get("model", {})
 )
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
