@@ -1,0 +1,268 @@
+"""The MTP drafter at the llama.cpp level, on the tiny glm4moe with one NextN block.
+
+A small loop plays the runner's part (several sequences in one target batch, drafts verified greedily row
+by row, rejected KV removed, `after_target_decode` then `rollback`), so these tests pin the drafter's own
+contract: greedy output equals plain greedy, drafts are the NextN head's real predictions (the same as a
+from-scratch recomputation over the final text, which fails if any hidden state is fed to the wrong row),
+and the start-up checks name their config field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+import pytest
+from llama_cpp import llama_cpp_ext
+
+from shared.config import ModelOptions
+from shared.vocab import init_backend
+from worker.batch import BatchBuffer
+from worker.speculative.base import DraftSeq, SpeculationConfigError, TargetRows
+from worker.speculative.mtp import MtpDrafter, check_mtp_options, load_mtp_params
+
+N_CTX = 2048
+N_BATCH = 64
+N_SEQ = 4
+N_GEN = 60
+PROMPTS = [
+    [1, *range(40, 70)],
+    [1, *range(100, 105)],
+    [1, *(7 + (i * 37) % 250 for i in range(90))],  # longer than N_BATCH: two prefill chunks
+]
+
+
+@pytest.fixture(scope="module")
+def mtp_model(tiny_mtp_gguf: Path) -> Iterator[Any]:
+    init_backend()
+    model = llama_cpp.llama_model_load_from_file(str(tiny_mtp_gguf).encode(), load_mtp_params())
+    assert model
+    yield model
+    llama_cpp.llama_model_free(model)
+
+
+def new_target(model: Any) -> Any:
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = N_CTX, N_BATCH, N_BATCH, N_SEQ
+    params.n_threads = params.n_threads_batch = 1
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    assert ctx
+    return ctx
+
+
+def new_drafter(model: Any, target: Any) -> MtpDrafter:
+    return MtpDrafter(
+        target, model, n_ctx=N_CTX, n_batch=N_BATCH, n_ubatch=N_BATCH, n_seq_max=N_SEQ, kv_unified=True
+    )
+
+
+def argmax_row(ctx: Any, row: int, n_vocab: int) -> int:
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+    return int(logits.argmax())
+
+
+def plain_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    ctx = new_target(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = BatchBuffer(N_BATCH)
+    try:
+        for start in range(0, len(prompt), N_BATCH):
+            batch.clear()
+            chunk = prompt[start : start + N_BATCH]
+            batch.add_chunk(chunk, start, 0, True)
+            assert llama_cpp.llama_decode(ctx, batch.view(batch.size)) == 0
+        out = [argmax_row(ctx, batch.size - 1, n_vocab)]
+        while len(out) < n:
+            batch.clear()
+            batch.add_token(out[-1], len(prompt) + len(out) - 1, 0, True)
+            assert llama_cpp.llama_decode(ctx, batch.view(1)) == 0
+            out.append(argmax_row(ctx, 0, n_vocab))
+        return out
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
+@dataclass
+class Spec:
+    """What a speculative run saw: outputs, counts, and each draft-1 by the pending token's position."""
+
+    outputs: list[list[int]]
+    drafted: int = 0
+    accepted: int = 0
+    first_drafts: list[dict[int, int]] = field(default_factory=list)
+
+
+def speculative_greedy(model: Any, prompts: list[list[int]], n: int, k: int) -> Spec:
+    """All sequences in one target batch per step, as the runner does; prefill chunks included."""
+    target = new_target(model)
+    drafter = new_drafter(model, target)
+    memory = llama_cpp.llama_get_memory(target)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = BatchBuffer(N_BATCH)
+    spec = Spec([[] for _ in prompts], first_drafts=[{} for _ in prompts])
+    prefilled = [0] * len(prompts)
+    try:
+        while any(len(out) < n for out in spec.outputs):
+            batch.clear()
+            rows: list[TargetRows] = []
+            drafts: dict[int, list[int]] = {}
+            asks = [
+                DraftSeq(s, [*p, *spec.outputs[s]], k, len(p))
+                for s, p in enumerate(prompts)
+                if prefilled[s] == len(p) and len(spec.outputs[s]) < n
+            ]
+            for ask, draft in zip(asks, drafter.draft(asks), strict=True):
+                drafts[ask.seq_id] = draft[: n - len(spec.outputs[ask.seq_id])]
+                if draft:
+                    spec.first_drafts[ask.seq_id][len(ask.tokens) - 1] = draft[0]
+            for s, prompt in enumerate(prompts):
+                if prefilled[s] < len(prompt):  # one prefill chunk per step, sharing the batch
+                    chunk = prompt[prefilled[s] : prefilled[s] + 24]
+                    last = batch.add_chunk(chunk, prefilled[s], s, prefilled[s] + len(chunk) == len(prompt))
+                    rows.append(TargetRows(s, last - len(chunk) + 1, prefilled[s], chunk, len(chunk), 1))
+                elif len(spec.outputs[s]) < n:
+                    tokens = [spec.outputs[s][-1], *drafts.get(s, [])]
+                    position = len(prompt) + len(spec.outputs[s]) - 1
+                    last = batch.add_chunk(tokens, position, s, True)
+                    batch.want_logits[last - len(tokens) + 1 : last + 1] = 1
+                    rows.append(TargetRows(s, last - len(tokens) + 1, position, tokens, 0, len(tokens)))
+            assert llama_cpp.llama_decode(target, batch.view(batch.size)) == 0
+            for item in rows:
+                s = item.seq_id
+                if prefilled[s] < len(prompts[s]):
+                    prefilled[s] += len(item.tokens)
+                    if prefilled[s] == len(prompts[s]):
+                        last_row = item.first_row + len(item.tokens) - 1
+                        spec.outputs[s].append(argmax_row(target, last_row, n_vocab))
+                    continue
+                draft = list(item.tokens[1:])
+                new: list[int] = []
+                for i in range(len(draft) + 1):
+                    new.append(argmax_row(target, item.first_row + i, n_vocab))
+                    if i == len(draft) or new[-1] != draft[i]:
+                        break
+                spec.drafted += len(draft)
+                spec.accepted += len(new) - 1
+                item.n_kept = len(new)
+                spec.outputs[s].extend(new)
+            drafter.after_target_decode(target, rows)
+            for item in rows:
+                if item.n_kept < len(item.tokens):  # rejected drafts: drop their target KV, then roll back
+                    kept = item.position + item.n_kept
+                    llama_cpp.llama_memory_seq_rm(memory, item.seq_id, kept, -1)
+                    drafter.rollback(item.seq_id, kept)
+        for s in range(len(prompts)):
+            drafter.release(s)
+        return Spec([out[:n] for out in spec.outputs], spec.drafted, spec.accepted, spec.first_drafts)
+    finally:
+        drafter.close()
+        llama_cpp.llama_free(target)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_greedy_equals_plain_greedy(mtp_model: Any, k: int) -> None:
+    spec = speculative_greedy(mtp_model, PROMPTS, N_GEN, k)
+    for prompt, out in zip(PROMPTS, spec.outputs, strict=True):
+        assert out == plain_greedy(mtp_model, prompt, N_GEN)
+    # Both verification paths ran: drafts were accepted and drafts were rejected.
+    assert 0 < spec.accepted < spec.drafted
+
+
+def test_drafts_are_the_heads_predictions_over_the_final_text(mtp_model: Any) -> None:
+    """Recompute the NextN head from scratch over each final text (one target decode with hidden states,
+    one MTP decode of every row (x_p, h_(p-1))): its argmax at each pending position must be the draft-1
+    the incremental drafter proposed there. Feeding a hidden state to the wrong row, or losing a row on a
+    rollback, changes these."""
+    spec = speculative_greedy(mtp_model, PROMPTS, N_GEN, 3)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(mtp_model))
+    n_embd = llama_cpp.llama_model_n_embd(mtp_model)
+    for prompt, out, first_drafts in zip(PROMPTS, spec.outputs, spec.first_drafts, strict=True):
+        text = [*prompt, *out]
+        hidden = reference_hidden(mtp_model, text, n_embd)
+        expected = reference_head_argmax(mtp_model, text, hidden, n_vocab)
+        assert len(first_drafts) > N_GEN // 4
+        mismatched = {p: (d, expected[p]) for p, d in first_drafts.items() if expected[p] != d}
+        assert not mismatched
+
+
+def reference_hidden(model: Any, text: list[int], n_embd: int) -> npt.NDArray[np.float32]:
+    ctx = new_target(model)
+    try:
+        llama_cpp_ext.llama_set_embeddings_nextn(ctx, True, False)
+        batch = BatchBuffer(N_BATCH)
+        rows: list[npt.NDArray[np.float32]] = []
+        for start in range(0, len(text), N_BATCH):
+            batch.clear()
+            chunk = text[start : start + N_BATCH]
+            batch.add_chunk(chunk, start, 0, False)
+            assert llama_cpp.llama_decode(ctx, batch.view(batch.size)) == 0
+            pointer = llama_cpp_ext.llama_get_embeddings_nextn_ith(ctx, 0)
+            rows.append(np.ctypeslib.as_array(pointer, shape=(len(chunk), n_embd)).copy())
+        return np.concatenate(rows)
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
+def reference_head_argmax(
+    model: Any, text: list[int], hidden: npt.NDArray[np.float32], n_vocab: int
+) -> list[int]:
+    target = new_target(model)
+    params = llama_cpp.llama_context_default_params()
+    params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+    params.ctx_other = target
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = N_CTX, N_BATCH, N_BATCH, 1
+    mtp = llama_cpp.llama_init_from_model(model, params)
+    assert mtp
+    try:
+        batch = BatchBuffer(N_BATCH, hidden.shape[1])
+        previous = np.vstack([np.zeros((1, hidden.shape[1]), dtype=np.float32), hidden[:-1]])
+        best: list[int] = []
+        for start in range(0, len(text), N_BATCH):
+            batch.clear()
+            chunk = text[start : start + N_BATCH]
+            batch.add_chunk(chunk, start, 0, False)
+            batch.want_logits[: len(chunk)] = 1
+            batch.embd[: len(chunk)] = previous[start : start + len(chunk)]
+            assert llama_cpp.llama_decode(mtp, batch.view(batch.size)) == 0
+            best.extend(argmax_row(mtp, i, n_vocab) for i in range(len(chunk)))
+        return best
+    finally:
+        llama_cpp.llama_free(mtp)
+        llama_cpp.llama_free(target)
+
+
+# -- start-up checks ---------------------------------------------------------------------------------
+
+
+def mtp_options(path: Path, **fields: Any) -> ModelOptions:
+    return ModelOptions(path=str(path), draft_model="draft-mtp", **fields)
+
+
+def test_a_model_without_nextn_layers_is_a_startup_error(tiny_llama_gguf: Path) -> None:
+    init_backend()
+    model = llama_cpp.llama_model_load_from_file(str(tiny_llama_gguf).encode(), load_mtp_params())
+    try:
+        n_nextn = llama_cpp.llama_model_n_layer_nextn(model)
+    finally:
+        llama_cpp.llama_model_free(model)
+    assert n_nextn == 0
+    with pytest.raises(SpeculationConfigError, match=r"model\.draft_model .*NextN"):
+        check_mtp_options(mtp_options(tiny_llama_gguf), n_nextn, 512, recurrent=False)
+
+
+def test_nextn_model_passes_and_small_n_batch_is_named(mtp_model: Any, tiny_mtp_gguf: Path) -> None:
+    n_nextn = llama_cpp.llama_model_n_layer_nextn(mtp_model)
+    assert n_nextn == 1
+    options = mtp_options(tiny_mtp_gguf, draft_model_num_pred_tokens=4)
+    check_mtp_options(options, n_nextn, 5, recurrent=False)
+    with pytest.raises(SpeculationConfigError, match=r"model\.n_batch \(4\).*at least 5"):
+        check_mtp_options(options, n_nextn, 4, recurrent=False)
+    with pytest.raises(SpeculationConfigError, match=r"model\.draft_model_num_pred_tokens"):
+        check_mtp_options(mtp_options(tiny_mtp_gguf, draft_model_num_pred_tokens=0), 1, 64, False)
+    with pytest.raises(SpeculationConfigError, match=r"n_rs_seq"):
+        check_mtp_options(options, n_nextn, 64, recurrent=True)
