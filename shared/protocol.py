@@ -79,6 +79,10 @@ class SubmitRequest(_Message, tag="submit"):
     # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
     # see worker/sampling.py).
     grammar_triggers: list[str] = msgspec.field(default_factory=list)
+    # OpenAI predicted outputs: the predicted completion's tokens, the request's draft source.
+    prediction: list[int] | None = None
+    # False: this request never speculates (the `speculative` request field).
+    speculative: bool = True
 
 
 class Cancel(_Message, tag="cancel"):
@@ -176,6 +180,13 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
     disk_cache_evictions_total: int = 0
     disk_cache_corrupt_removed_total: int = 0
     disk_cache_bytes: int = 0
+    # Speculative decoding: drafted / accepted tokens by provider, by draft position (index 0: the first
+    # draft token), and steps in which some sequence speculated.
+    spec_drafted_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+    spec_accepted_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+    spec_drafted_by_position: list[int] = msgspec.field(default_factory=list)
+    spec_accepted_by_position: list[int] = msgspec.field(default_factory=list)
+    spec_steps_total: int = 0
 
 
 class Stats(_Message, tag="stats"):
@@ -204,6 +215,8 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's last item only: its prompt tokens served from a prefix cache (the router counts
     # prompt and completion tokens itself).
     cached_tokens: int | None = None
+    # Set on the last item of a request with a predicted output: its (accepted, rejected) prediction tokens.
+    prediction_tokens: tuple[int, int] | None = None
 
 
 class Frames(_Message, tag="frames"):

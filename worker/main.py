@@ -30,6 +30,7 @@ from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
 from worker.runner import build_scheduler
 from worker.scheduler import RequestRejected
+from worker.speculative.setup import build_speculation
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,6 @@ class WorkerProcess:
         model = self.config.model
         for field, present in (
             ("model.loras", bool(model.loras)),
-            ("model.draft_model", model.draft_model is not None),
             ("model.mtmd", model.mtmd is not None),
         ):
             if present:
@@ -140,7 +140,8 @@ class WorkerProcess:
                 disk = DiskTier(self.engine, self.config.disk_cache, model_path)
             except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
                 log.warning("disk cache disabled: %s", error)
-        self.scheduler = build_scheduler(self.engine, disk=disk)
+        speculation = build_speculation(self.config.model, self.engine)
+        self.scheduler = build_scheduler(self.engine, disk=disk, speculation=speculation)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         try:
