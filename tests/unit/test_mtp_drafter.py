@@ -20,11 +20,13 @@ import numpy.typing as npt
 import pytest
 from llama_cpp import llama_cpp_ext
 
-from shared.config import ModelOptions
+from shared.config import ConfigError, ModelOptions, WorkerOverride
 from shared.vocab import init_backend
 from worker.batch import BatchBuffer
-from worker.speculative.base import DraftSeq, SpeculationConfigError, TargetRows
-from worker.speculative.mtp import MtpDrafter, check_mtp_options, load_mtp_params
+from worker.engine import LlamaEngine
+from worker.speculative.base import DraftSeq, TargetRows
+from worker.speculative.mtp import MtpDrafter, load_mtp_params
+from worker.speculative.setup import build_speculation
 
 N_CTX = 2048
 N_BATCH = 64
@@ -239,30 +241,34 @@ def reference_head_argmax(
 # -- start-up checks ---------------------------------------------------------------------------------
 
 
-def mtp_options(path: Path, **fields: Any) -> ModelOptions:
-    return ModelOptions(path=str(path), draft_model="draft-mtp", **fields)
+def start(path: Path, **fields: Any) -> None:
+    """Load an engine with `draft_model = "draft-mtp"` and build its speculation, as the worker does."""
+    options = ModelOptions(path=str(path), draft_model="draft-mtp", n_ctx=512, **fields)
+    engine = LlamaEngine(options, path, WorkerOverride())
+    try:
+        speculation = build_speculation(options, engine)
+        assert speculation is not None and isinstance(speculation.drafter, MtpDrafter)
+        speculation.close()
+    finally:
+        engine.close()
+
+
+def test_a_nextn_model_starts(tiny_mtp_gguf: Path) -> None:
+    start(tiny_mtp_gguf, n_batch=5, draft_model_num_pred_tokens=4)
 
 
 def test_a_model_without_nextn_layers_is_a_startup_error(tiny_llama_gguf: Path) -> None:
-    init_backend()
-    model = llama_cpp.llama_model_load_from_file(str(tiny_llama_gguf).encode(), load_mtp_params())
-    try:
-        n_nextn = llama_cpp.llama_model_n_layer_nextn(model)
-    finally:
-        llama_cpp.llama_model_free(model)
-    assert n_nextn == 0
-    with pytest.raises(SpeculationConfigError, match=r"model\.draft_model .*NextN"):
-        check_mtp_options(mtp_options(tiny_llama_gguf), n_nextn, 512, recurrent=False)
+    with pytest.raises(ConfigError, match=r'model\.draft_model "draft-mtp" needs NextN.*n_layer_nextn = 0'):
+        start(tiny_llama_gguf)
 
 
-def test_nextn_model_passes_and_small_n_batch_is_named(mtp_model: Any, tiny_mtp_gguf: Path) -> None:
-    n_nextn = llama_cpp.llama_model_n_layer_nextn(mtp_model)
-    assert n_nextn == 1
-    options = mtp_options(tiny_mtp_gguf, draft_model_num_pred_tokens=4)
-    check_mtp_options(options, n_nextn, 5, recurrent=False)
-    with pytest.raises(SpeculationConfigError, match=r"model\.n_batch \(4\).*at least 5"):
-        check_mtp_options(options, n_nextn, 4, recurrent=False)
-    with pytest.raises(SpeculationConfigError, match=r"model\.draft_model_num_pred_tokens"):
-        check_mtp_options(mtp_options(tiny_mtp_gguf, draft_model_num_pred_tokens=0), 1, 64, False)
-    with pytest.raises(SpeculationConfigError, match=r"n_rs_seq"):
-        check_mtp_options(options, n_nextn, 64, recurrent=True)
+def test_an_assistant_without_nextn_layers_names_draft_model_path(
+    tiny_mtp_gguf: Path, tiny_llama_gguf: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"model\.draft_model_path .*tiny-llama\.gguf has none"):
+        start(tiny_mtp_gguf, draft_model_path=str(tiny_llama_gguf))
+
+
+def test_n_batch_below_k_plus_one_is_a_startup_error(tiny_mtp_gguf: Path) -> None:
+    with pytest.raises(ValueError, match=r"model\.n_batch 4 .*draft_model_num_pred_tokens 4"):
+        start(tiny_mtp_gguf, n_batch=4, draft_model_num_pred_tokens=4)

@@ -40,9 +40,11 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp_ext
 
-from shared.config import ModelOptions
+from shared.config import ConfigError, ModelOptions
+from shared.models import resolve_from_pretrained
 from worker.batch import BatchBuffer
-from worker.speculative.base import Drafter, DraftSeq, SpeculationConfigError, TargetRows
+from worker.engine import LlamaEngine
+from worker.speculative.base import Drafter, DraftSeq, TargetRows
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +66,52 @@ class _SeqState:
     stash: list[_Row] = field(default_factory=list)
 
 
-def check_mtp_options(options: ModelOptions, n_layer_nextn: int, n_batch: int, recurrent: bool) -> None:
-    """Start-up checks for `draft_model = "draft-mtp"`; each error names the config field."""
-    k = options.draft_model_num_pred_tokens
-    if k < 1:
-        raise SpeculationConfigError(f"model.draft_model_num_pred_tokens must be at least 1 (got {k})")
+def check_nextn(options: ModelOptions, n_layer_nextn: int) -> None:
+    """The model (or assistant GGUF) must have NextN layers; the error names the config field."""
     if n_layer_nextn <= 0:
-        source = options.draft_model_path or "the model"
-        raise SpeculationConfigError(
-            f'model.draft_model "draft-mtp" needs a model with NextN (MTP) layers; {source} has none '
+        source = (
+            f"model.draft_model_path {options.draft_model_path}" if options.draft_model_path else "the model"
+        )
+        raise ConfigError(
+            f'model.draft_model "draft-mtp" needs NextN (MTP) layers, and {source} has none '
             "(llama_model_n_layer_nextn = 0)"
         )
-    if n_batch < k + 1:
-        raise SpeculationConfigError(
-            f"model.n_batch ({n_batch}) must fit the pending token plus "
-            f"model.draft_model_num_pred_tokens ({k}) draft tokens: at least {k + 1}"
+
+
+def build_mtp(options: ModelOptions, engine: LlamaEngine) -> MtpDrafter:
+    """The provider for `model.draft_model = "draft-mtp"`: the target model's own NextN block (the engine
+    loads it with `load_mtp`), or an assistant GGUF holding only the block (`draft_model_path` /
+    `draft_model_from_pretrained`). worker/speculative/setup.py has already checked n_batch and rollback."""
+    assistant = _assistant_path(options)
+    model = engine.model if assistant is None else load_assistant(assistant)
+    try:
+        check_nextn(options, int(llama_cpp.llama_model_n_layer_nextn(model)))
+        threads = options.draft_model_threads or options.threads
+        return MtpDrafter(
+            engine.ctx,
+            model,
+            n_ctx=engine.info.n_ctx,
+            n_batch=max(engine.n_batch, engine.n_seq_max),  # room for every sequence's pending row
+            n_ubatch=options.n_ubatch or min(engine.n_batch, 512),
+            n_seq_max=engine.n_seq_max,
+            kv_unified=options.kv_unified,
+            p_min=options.draft_model_p_min,
+            threads=threads,
+            threads_batch=options.draft_model_threads_batch or options.threads_batch or threads,
+            owned_model=assistant is not None,
         )
-    if recurrent:
-        raise SpeculationConfigError(
-            'model.draft_model "draft-mtp" is not supported on recurrent or hybrid models: rejected drafts '
-            "would need retained recurrent-state slots (n_rs_seq), which llamafleet does not use"
-        )
+    except BaseException:
+        if assistant is not None:
+            llama_cpp.llama_model_free(model)
+        raise
+
+
+def _assistant_path(options: ModelOptions) -> Path | None:
+    if options.draft_model_path is not None:
+        return Path(options.draft_model_path)
+    if options.draft_model_from_pretrained is not None:
+        return resolve_from_pretrained(options.draft_model_from_pretrained)
+    return None
 
 
 def load_mtp_params() -> Any:
@@ -125,14 +152,14 @@ class MtpDrafter(Drafter):
         target_model = llama_cpp.llama_get_model(target_ctx)
         target_embd = int(llama_cpp.llama_model_n_embd(target_model))
         if self.n_embd != target_embd:
-            raise SpeculationConfigError(
+            raise ConfigError(
                 f"model.draft_model_path: the MTP model's embedding size {self.n_embd} differs from the "
                 f"target's {target_embd}"
             )
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
         target_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(target_model)))
         if self.n_vocab != target_vocab:
-            raise SpeculationConfigError(
+            raise ConfigError(
                 f"model.draft_model_path: the MTP model's vocabulary ({self.n_vocab} tokens) differs from "
                 f"the target's ({target_vocab})"
             )
@@ -151,9 +178,7 @@ class MtpDrafter(Drafter):
             params.n_threads_batch = threads_batch
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
-            raise SpeculationConfigError(
-                'model.draft_model "draft-mtp": llama.cpp could not create the MTP context'
-            )
+            raise ConfigError('model.draft_model "draft-mtp": llama.cpp could not create the MTP context')
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))
@@ -374,5 +399,5 @@ def load_assistant(path: Path) -> Any:
     """Load a separate assistant GGUF holding the NextN block (`draft_model_path` for draft-mtp)."""
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), load_mtp_params())
     if not model:
-        raise SpeculationConfigError(f"model.draft_model_path: llama.cpp could not load {path}")
+        raise ConfigError(f"model.draft_model_path: llama.cpp could not load {path}")
     return model

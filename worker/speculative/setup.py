@@ -15,6 +15,7 @@ from shared.config import ConfigError, ModelOptions
 from worker.engine import LlamaEngine
 from worker.speculative.base import Drafter
 from worker.speculative.control import Speculation
+from worker.speculative.mtp import build_mtp
 from worker.speculative.prediction import PredictionDrafter
 from worker.speculative.prompt_lookup import PromptLookup
 
@@ -24,9 +25,10 @@ def _prompt_lookup(options: ModelOptions, engine: LlamaEngine) -> Drafter:
     return PromptLookup(options.draft_model_max_ngram_size)
 
 
-# Config name -> builder. `draft-mtp` is added by worker/speculative/mtp.py's provider.
+# Config name -> builder.
 PROVIDERS: dict[str, Callable[[ModelOptions, LlamaEngine], Drafter]] = {
     "prompt-lookup-decoding": _prompt_lookup,
+    "draft-mtp": build_mtp,
 }
 
 
