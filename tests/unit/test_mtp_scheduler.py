@@ -1,0 +1,59 @@
+"""draft-mtp through the worker's real scheduler and runner (no processes): exact against a plain engine.
+
+Covers what the llama.cpp-level tests in test_mtp_drafter.py do not: chunked prefill sharing steps with
+speculating sequences, `n > 1` (a sibling's prompt KV is copied, not decoded, so its MTP rows start with a
+hole), more requests than sequence slots (ids are released and reused, with prefix-cache reuse), and the
+per-provider counters the scheduler keeps for /metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.config import ModelOptions, WorkerOverride
+from shared.protocol import SamplingParams, SubmitRequest
+from worker.engine import LlamaEngine
+from worker.runner import build_scheduler
+from worker.speculative.mtp import MtpDrafter
+from worker.speculative.setup import build_speculation
+
+Outputs = dict[tuple[str, int], list[int]]
+
+
+def run(path: Path, **fields: object) -> tuple[Outputs, dict[str, int], dict[str, int]]:
+    options = ModelOptions(
+        path=str(path), n_ctx=4 * 512, n_seq_max=4, n_batch=64, threads=1, threads_batch=1, **fields
+    )
+    engine = LlamaEngine(options, path, WorkerOverride())
+    speculation = build_speculation(options, engine)
+    sched = build_scheduler(engine, speculation=speculation)
+    try:
+        for i in range(6):
+            prompt = [5 + (i * 13 + k * 7) % 250 for k in range(8 + 25 * i)]  # up to 133 tokens: chunked
+            if i == 5:
+                prompt = [5 + (k * 7) % 250 for k in range(8)] + [9, 9]  # reuses request 0's prefix
+            params = SamplingParams(temperature=0.0)
+            sched.submit(SubmitRequest(f"r{i}", prompt, 40, n=2 if i % 2 else 1, sampling=params))
+        out: Outputs = {}
+        while not sched.idle:
+            result = sched.step()
+            assert not result.errors
+            for item in result.items:
+                out.setdefault((item.rid, item.choice), []).extend(item.token_ids)
+        if speculation is not None and speculation.drafter is not None:
+            assert isinstance(speculation.drafter, MtpDrafter)
+            assert speculation.drafter.decode_failures == 0
+            counters = speculation.counters
+            return out, dict(counters.drafted), dict(counters.accepted)
+        return out, {}, {}
+    finally:
+        sched.close()
+        engine.close()
+
+
+def test_scheduler_greedy_with_mtp_equals_plain(tiny_mtp_gguf: Path) -> None:
+    plain, _, _ = run(tiny_mtp_gguf)
+    spec, drafted, accepted = run(tiny_mtp_gguf, draft_model="draft-mtp", draft_model_num_pred_tokens=3)
+    assert len(plain) == 9 and all(len(tokens) == 40 for tokens in plain.values())
+    assert spec == plain
+    assert 0 < accepted["draft-mtp"] < drafted["draft-mtp"]
