@@ -9,6 +9,7 @@ per-provider counters the scheduler keeps for /metrics.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
@@ -20,7 +21,7 @@ from worker.speculative.setup import build_speculation
 Outputs = dict[tuple[str, int], list[int]]
 
 
-def run(path: Path, **fields: object) -> tuple[Outputs, dict[str, int], dict[str, int]]:
+def run(path: Path, **fields: Any) -> tuple[Outputs, dict[str, int], dict[str, int]]:
     options = ModelOptions(
         path=str(path), n_ctx=4 * 512, n_seq_max=4, n_batch=64, threads=1, threads_batch=1, **fields
     )
