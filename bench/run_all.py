@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, mtp, prefix, serving, step_overhead, vs_llama_server, wire
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     wire.main([])
     print("\n== embeddings ==")
     embeddings.main([])
+    print("\n== speculative decoding: draft-mtp on tiny NextN models ==")
+    mtp.main(["--concurrency", "1,4", "--ks", "1,3"])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
     vs_llama_server.main([])
 
