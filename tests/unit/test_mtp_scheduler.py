@@ -3,7 +3,8 @@
 Covers what the llama.cpp-level tests in test_mtp_drafter.py do not: chunked prefill sharing steps with
 speculating sequences, `n > 1` (a sibling's prompt KV is copied, not decoded, so its MTP rows start with a
 hole), more requests than sequence slots (ids are released and reused, with prefix-cache reuse), and the
-per-provider counters the scheduler keeps for /metrics.
+per-provider counters the scheduler keeps for /metrics; and the separate assistant GGUF
+(`draft_model_path`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
+from tests.fixtures.tiny_mtp import write_tiny_mtp
 from worker.engine import LlamaEngine
 from worker.runner import build_scheduler
 from worker.speculative.mtp import MtpDrafter
@@ -58,3 +60,14 @@ def test_scheduler_greedy_with_mtp_equals_plain(tiny_mtp_gguf: Path) -> None:
     assert len(plain) == 9 and all(len(tokens) == 40 for tokens in plain.values())
     assert spec == plain
     assert 0 < accepted["draft-mtp"] < drafted["draft-mtp"]
+
+
+def test_an_assistant_gguf_drafts_as_the_models_own_block(tiny_mtp_gguf: Path, tmp_path: Path) -> None:
+    """`draft_model_path`: the NextN block in a GGUF of its own, the target without it. Same weights, so the
+    same drafts: identical outputs and identical drafted / accepted counts to the one-file model."""
+    trunk = write_tiny_mtp(tmp_path / "trunk.gguf", part="trunk")
+    nextn = write_tiny_mtp(tmp_path / "nextn.gguf", part="nextn")
+    whole = run(tiny_mtp_gguf, draft_model="draft-mtp", draft_model_num_pred_tokens=3)
+    split = run(trunk, draft_model="draft-mtp", draft_model_num_pred_tokens=3, draft_model_path=str(nextn))
+    assert split == whole
+    assert whole[2]["draft-mtp"] > 0
