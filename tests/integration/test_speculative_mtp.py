@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.server import Server, model_config, run_server
+from tests.integration.test_speculative_startup import start_worker
 
 N_SEQ = 4
 PROMPTS = ["the cat sat on the mat", "abc abc", "hello world, hello", "1 2 3 1 2 3 1 2 " * 12]
@@ -70,3 +71,9 @@ def test_acceptance_is_reported_per_provider(servers: tuple[Server, Server]) -> 
     drafted = metric(spec, "llamafleet_spec_drafted_tokens_total")
     accepted = metric(spec, "llamafleet_spec_accepted_tokens_total")
     assert 0 < accepted < drafted  # the head drafts usefully, and rejections happened
+
+
+def test_a_model_without_nextn_layers_fails_the_worker_start(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    done = start_worker(tmp_path, model_config(tiny_llama_gguf, draft_model="draft-mtp"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert 'model.draft_model "draft-mtp" needs NextN (MTP) layers' in done.stderr

@@ -22,6 +22,7 @@ from llama_cpp import llama_cpp_ext
 
 from shared.config import ConfigError, ModelOptions, WorkerOverride
 from shared.vocab import init_backend
+from tests.fixtures.tiny_families import write_tiny_recurrent
 from worker.batch import BatchBuffer
 from worker.engine import LlamaEngine
 from worker.speculative.base import DraftSeq, TargetRows
@@ -267,6 +268,13 @@ def test_an_assistant_without_nextn_layers_names_draft_model_path(
 ) -> None:
     with pytest.raises(ConfigError, match=r"model\.draft_model_path .*tiny-llama\.gguf has none"):
         start(tiny_mtp_gguf, draft_model_path=str(tiny_llama_gguf))
+
+
+def test_a_recurrent_model_is_refused(tmp_path: Path) -> None:
+    """Rejected drafts cannot be removed from recurrent state (no retained n_rs_seq slots here)."""
+    mamba = write_tiny_recurrent(tmp_path / "mamba.gguf")
+    with pytest.raises(ConfigError, match=r"model\.draft_model 'draft-mtp'.*recurrent"):
+        start(mamba)
 
 
 def test_n_batch_below_k_plus_one_is_a_startup_error(tiny_mtp_gguf: Path) -> None:
