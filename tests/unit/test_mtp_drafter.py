@@ -270,6 +270,13 @@ def test_an_assistant_without_nextn_layers_names_draft_model_path(
         start(tiny_mtp_gguf, draft_model_path=str(tiny_llama_gguf))
 
 
+def test_an_assistant_that_does_not_load_names_draft_model_path(tiny_mtp_gguf: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    with pytest.raises(ConfigError, match=r"model\.draft_model_path: llama\.cpp could not load .*broken"):
+        start(tiny_mtp_gguf, draft_model_path=str(broken))
+
+
 def test_a_recurrent_model_is_refused(tmp_path: Path) -> None:
     """Rejected drafts cannot be removed from recurrent state (no retained n_rs_seq slots here)."""
     mamba = write_tiny_recurrent(tmp_path / "mamba.gguf")

@@ -71,3 +71,14 @@ def test_an_assistant_gguf_drafts_as_the_models_own_block(tiny_mtp_gguf: Path, t
     split = run(trunk, draft_model="draft-mtp", draft_model_num_pred_tokens=3, draft_model_path=str(nextn))
     assert split == whole
     assert whole[2]["draft-mtp"] > 0
+
+
+def test_p_min_cuts_unsure_drafts_and_stays_exact(tiny_mtp_gguf: Path) -> None:
+    """`draft_model_p_min`: the head drafts only where its top token's probability reaches it (the tiny
+    model's 276-token softmax is flat: 0.05 already halves the drafts and raises acceptance)."""
+    plain, _, _ = run(tiny_mtp_gguf)
+    eager = run(tiny_mtp_gguf, draft_model="draft-mtp", draft_model_num_pred_tokens=3)
+    picky = run(tiny_mtp_gguf, draft_model="draft-mtp", draft_model_num_pred_tokens=3, draft_model_p_min=0.05)
+    assert picky[0] == plain
+    assert 0 < picky[1]["draft-mtp"] < eager[1]["draft-mtp"] * 2 // 3
+    assert picky[2]["draft-mtp"] / picky[1]["draft-mtp"] > eager[2]["draft-mtp"] / eager[1]["draft-mtp"]
