@@ -15,8 +15,11 @@ from typing import Any
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
 from tests.fixtures.tiny_mtp import write_tiny_mtp
+from tests.unit.test_mtp_drafter import reference_head_argmax, reference_hidden
 from worker.engine import LlamaEngine
 from worker.runner import build_scheduler
+from worker.scheduler import Scheduler
+from worker.speculative.base import DraftSeq
 from worker.speculative.mtp import MtpDrafter
 from worker.speculative.setup import build_speculation
 
@@ -82,3 +85,61 @@ def test_p_min_cuts_unsure_drafts_and_stays_exact(tiny_mtp_gguf: Path) -> None:
     assert picky[0] == plain
     assert 0 < picky[1]["draft-mtp"] < eager[1]["draft-mtp"] * 2 // 3
     assert picky[2]["draft-mtp"] / picky[1]["draft-mtp"] > eager[2]["draft-mtp"] / eager[1]["draft-mtp"]
+
+
+def test_a_continued_conversation_keeps_the_heads_context(tmp_path: Path) -> None:
+    """A second turn reuses the first turn's cached KV (same sequence slot): the MTP rows of the first
+    turn must still be there, so every draft of the second turn is the head's prediction over the whole
+    text, as a from-scratch recomputation gives it (not over the second turn's rows alone). The head's
+    attention is made strong here (head_gain 1) so that its context decides its argmax."""
+    path = write_tiny_mtp(tmp_path / "attentive.gguf", head_gain=1.0)
+    options = ModelOptions(
+        path=str(path),
+        n_ctx=2 * 512,
+        n_seq_max=2,
+        n_batch=64,
+        threads=1,
+        threads_batch=1,
+        draft_model="draft-mtp",
+        draft_model_num_pred_tokens=3,
+    )
+    engine = LlamaEngine(options, path, WorkerOverride())
+    speculation = build_speculation(options, engine)
+    assert speculation is not None and isinstance(speculation.drafter, MtpDrafter)
+    drafter = speculation.drafter
+    seen: list[tuple[list[int], int]] = []
+    draft = drafter.draft
+
+    def recording(seqs: list[DraftSeq]) -> list[list[int]]:
+        drafts = draft(seqs)
+        seen.extend((list(s.tokens), d[0]) for s, d in zip(seqs, drafts, strict=True) if d)
+        return drafts
+
+    drafter.draft = recording  # type: ignore[method-assign]
+    sched = build_scheduler(engine, speculation=speculation)
+    greedy = SamplingParams(temperature=0.0)
+    try:
+        first = [5 + (k * 11) % 250 for k in range(40)]
+        sched.submit(SubmitRequest("turn1", first, 30, sampling=greedy))
+        answer = finish(sched)["turn1"]
+        second = [*first, *answer, *(9 + k for k in range(10))]
+        sched.submit(SubmitRequest("turn2", second, 30, sampling=greedy))
+        text = [*second, *finish(sched)["turn2"]]
+        hidden = reference_hidden(engine.model, text, drafter.n_embd)
+        expected = reference_head_argmax(engine.model, text, hidden, drafter.n_vocab)
+        turn2 = [(tokens, d) for tokens, d in seen if len(tokens) > len(second)]
+        assert len(turn2) > 5
+        assert [d for _, d in turn2] == [expected[len(tokens) - 1] for tokens, _ in turn2]
+    finally:
+        sched.close()
+        engine.close()
+
+
+def finish(sched: Scheduler) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    while not sched.idle:
+        result = sched.step()
+        assert not result.errors
+        for item in result.items:
+            out.setdefault(item.rid, []).extend(item.token_ids)
+    return out

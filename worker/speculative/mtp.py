@@ -64,6 +64,9 @@ class _SeqState:
     last_pos: int = -1  # position of `last_hidden` (-1: none known)
     last_hidden: npt.NDArray[np.float32] | None = None
     stash: list[_Row] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the token of each decoded row by position; -1: none
+    live: bool = True  # False once released: the rows stay for a later request that reuses the prefix
+    resumed_at: int | None = None  # first position fed after a release, until the history is checked
 
 
 def check_nextn(options: ModelOptions, n_layer_nextn: int) -> None:
@@ -205,8 +208,13 @@ class MtpDrafter(Drafter):
             self._flush()
 
     def _stash_kept(self, item: TargetRows) -> None:
-        state = self._states.setdefault(item.seq_id, _SeqState())
+        state = self._states.get(item.seq_id)
         start = item.position
+        if state is None:  # no state: make sure no cell of an earlier life of this id is left over
+            state = self._states[item.seq_id] = _SeqState()
+            llama_cpp.llama_memory_seq_rm(self._memory, item.seq_id, -1, -1)
+        elif not state.live:  # a new request on a released sequence: its rows below `start` are checked
+            state.live, state.resumed_at = True, start  # against the new history at the first draft
         if start + 1 < state.fed:  # the sequence went back past its pending row: drop what follows
             self.rollback(item.seq_id, start)
         hidden = self._target_hidden(item.first_row, item.n_kept)
@@ -240,6 +248,13 @@ class MtpDrafter(Drafter):
 
     def draft(self, seqs: list[DraftSeq]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in seqs]
+        resumed = [
+            s for s in seqs if s.seq_id in self._states and self._states[s.seq_id].resumed_at is not None
+        ]
+        if resumed:
+            self._flush()
+            for seq in resumed:
+                self._check_history(seq)
         ready = [i for i, seq in enumerate(seqs) if self._can_draft(seq)]
         if self._stashed + len(ready) > self.n_batch:
             self._flush()
@@ -258,7 +273,7 @@ class MtpDrafter(Drafter):
             if state.fed > n:  # drafted before without being decoded: its pending row is there already
                 llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, n, -1)
             out_rows[i] = self._add_row(int(seq.tokens[-1]), n, seq.seq_id, state.last_hidden, True)
-            state.fed = n + 1
+            self._note(state, n, int(seq.tokens[-1]))
         if not self._decode(batch.size, [seqs[i].seq_id for i in ready]):
             return drafts
         active = list(ready)
@@ -289,6 +304,26 @@ class MtpDrafter(Drafter):
             if seqs[i].k > 1:
                 llama_cpp.llama_memory_seq_rm(self._memory, seqs[i].seq_id, len(seqs[i].tokens), -1)
         return drafts
+
+    def _check_history(self, seq: DraftSeq) -> None:
+        """A released sequence's rows serve a new request only where the new history has the same tokens
+        (a row's content depends on nothing else). Otherwise its target KV came from elsewhere (a prefix
+        copied from another slot): drop the old rows and the first new one, fed with the old hidden state."""
+        state = self._states[seq.seq_id]
+        start, state.resumed_at = state.resumed_at or 0, None
+        old = np.asarray(state.tokens[:start], dtype=np.int64)
+        new = np.asarray(seq.tokens[: len(old)], dtype=np.int64)
+        if len(new) == len(old) and bool(np.all((old == new) | (old < 0))):
+            return
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, 0, start + 1)
+        state.tokens[: start + 1] = [-1] * min(start + 1, len(state.tokens))
+
+    def _note(self, state: _SeqState, position: int, token: int) -> None:
+        """Record a decoded row."""
+        if position >= len(state.tokens):
+            state.tokens.extend([-1] * (position + 1 - len(state.tokens)))
+        state.tokens[position] = token
+        state.fed = max(state.fed, position + 1)
 
     def _can_draft(self, seq: DraftSeq) -> bool:
         state = self._states.get(seq.seq_id)
@@ -327,7 +362,7 @@ class MtpDrafter(Drafter):
         for seq_id, state in self._states.items():
             for r in state.stash:
                 self._add_row(r.token, r.position, seq_id, r.hidden, False)
-                state.fed = max(state.fed, r.position + 1)
+                self._note(state, r.position, r.token)
             state.stash.clear()
         self._stashed = 0
 
@@ -342,14 +377,16 @@ class MtpDrafter(Drafter):
             self._batch.clear()
             for seq_id, r in chunk:
                 self._add_row(r.token, r.position, seq_id, r.hidden, False)
-                state = self._states[seq_id]
-                state.fed = max(state.fed, r.position + 1)
+                self._note(self._states[seq_id], r.position, r.token)
             self._decode(self._batch.size, sorted({seq_id for seq_id, _ in chunk}))
 
     def _decode(self, n_rows: int, seq_ids: list[int]) -> bool:
-        """One MTP decode; on failure the sequences involved restart with empty MTP state (no drafts until
-        the target feeds them again), never a failed request."""
+        """One MTP decode. When it fails (the KV is full of released sequences' rows), those rows are
+        dropped and it is tried once more; on a second failure the sequences involved restart with empty
+        MTP state (no drafts until the target feeds them again), never a failed request."""
         status = int(llama_cpp.llama_decode(self._ctx, self._batch.view(n_rows)))
+        if status != 0 and self._drop_released():
+            status = int(llama_cpp.llama_decode(self._ctx, self._batch.view(n_rows)))
         self.decodes += 1
         self.rows_decoded += n_rows
         if status == 0:
@@ -359,8 +396,20 @@ class MtpDrafter(Drafter):
             "MTP llama_decode failed (status %d); dropping MTP state of %d sequences", status, len(seq_ids)
         )
         for seq_id in seq_ids:
-            self.release(seq_id)
+            self._drop(seq_id)
         return False
+
+    def _drop_released(self) -> bool:
+        released = [seq_id for seq_id, state in self._states.items() if not state.live]
+        for seq_id in released:
+            self._drop(seq_id)
+        return bool(released)
+
+    def _drop(self, seq_id: int) -> None:
+        state = self._states.pop(seq_id, None)
+        if state is not None:
+            self._stashed -= len(state.stash)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -371,6 +420,7 @@ class MtpDrafter(Drafter):
         if state.fed > n_past:
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_past, -1)
             state.fed = n_past
+        del state.tokens[n_past:]
         kept = [r for r in state.stash if r.position < n_past]
         self._stashed -= len(state.stash) - len(kept)
         state.stash = kept
@@ -378,10 +428,13 @@ class MtpDrafter(Drafter):
             state.last_pos, state.last_hidden = -1, None
 
     def release(self, seq_id: int) -> None:
-        state = self._states.pop(seq_id, None)
+        """Keep the rows (and the stash, still to be decoded): the target's slot table may keep this
+        sequence's KV as prefix cache, and a next turn on it then drafts with its whole context. A later
+        request on the id gets them checked against its history (`_check_history`); they are dropped when
+        the MTP KV runs out of room (`_drop_released`)."""
+        state = self._states.get(seq_id)
         if state is not None:
-            self._stashed -= len(state.stash)
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            state.live, state.resumed_at = False, None
 
     def close(self) -> None:
         if self._ctx is not None:
