@@ -23,6 +23,7 @@ from llama_cpp import llama_cpp_ext
 from shared.config import ConfigError, ModelOptions, WorkerOverride
 from shared.vocab import init_backend
 from tests.fixtures.tiny_families import write_tiny_recurrent
+from tests.fixtures.tiny_mtp import write_tiny_mtp
 from worker.batch import BatchBuffer
 from worker.engine import LlamaEngine
 from worker.speculative.base import DraftSeq, TargetRows
@@ -100,43 +101,62 @@ class Spec:
     first_drafts: list[dict[int, int]] = field(default_factory=list)
 
 
-def speculative_greedy(model: Any, prompts: list[list[int]], n: int, k: int) -> Spec:
-    """All sequences in one target batch per step, as the runner does; prefill chunks included."""
-    target = new_target(model)
-    drafter = new_drafter(model, target)
+def speculative_greedy(
+    model: Any,
+    prompts: list[list[int]],
+    n: int,
+    k: int,
+    *,
+    pair: tuple[Any, MtpDrafter] | None = None,
+    first_seq: int = 0,
+    skip: int = 0,
+) -> Spec:
+    """All sequences in one target batch per step, as the runner does; prefill chunks included.
+
+    Prompt i runs as sequence `first_seq + i`. `pair`: a target context and drafter to use (and leave
+    open); `skip`: prompt tokens already in the target's KV for every sequence (a copied prefix the
+    drafter never saw)."""
+    target, drafter = pair if pair is not None else (new_target(model), None)
+    drafter = drafter or new_drafter(model, target)
     memory = llama_cpp.llama_get_memory(target)
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = BatchBuffer(N_BATCH)
     spec = Spec([[] for _ in prompts], first_drafts=[{} for _ in prompts])
-    prefilled = [0] * len(prompts)
+    prefilled = [skip] * len(prompts)
     try:
         while any(len(out) < n for out in spec.outputs):
             batch.clear()
             rows: list[TargetRows] = []
             drafts: dict[int, list[int]] = {}
             asks = [
-                DraftSeq(s, [*p, *spec.outputs[s]], k, len(p))
+                DraftSeq(first_seq + s, [*p, *spec.outputs[s]], k, len(p))
                 for s, p in enumerate(prompts)
                 if prefilled[s] == len(p) and len(spec.outputs[s]) < n
             ]
             for ask, draft in zip(asks, drafter.draft(asks), strict=True):
-                drafts[ask.seq_id] = draft[: n - len(spec.outputs[ask.seq_id])]
+                s = ask.seq_id - first_seq
+                drafts[s] = draft[: n - len(spec.outputs[s])]
                 if draft:
-                    spec.first_drafts[ask.seq_id][len(ask.tokens) - 1] = draft[0]
+                    spec.first_drafts[s][len(ask.tokens) - 1] = draft[0]
             for s, prompt in enumerate(prompts):
                 if prefilled[s] < len(prompt):  # one prefill chunk per step, sharing the batch
                     chunk = prompt[prefilled[s] : prefilled[s] + 24]
-                    last = batch.add_chunk(chunk, prefilled[s], s, prefilled[s] + len(chunk) == len(prompt))
-                    rows.append(TargetRows(s, last - len(chunk) + 1, prefilled[s], chunk, len(chunk), 1))
+                    done = prefilled[s] + len(chunk) == len(prompt)
+                    last = batch.add_chunk(chunk, prefilled[s], first_seq + s, done)
+                    rows.append(
+                        TargetRows(first_seq + s, last - len(chunk) + 1, prefilled[s], chunk, len(chunk), 1)
+                    )
                 elif len(spec.outputs[s]) < n:
                     tokens = [spec.outputs[s][-1], *drafts.get(s, [])]
                     position = len(prompt) + len(spec.outputs[s]) - 1
-                    last = batch.add_chunk(tokens, position, s, True)
+                    last = batch.add_chunk(tokens, position, first_seq + s, True)
                     batch.want_logits[last - len(tokens) + 1 : last + 1] = 1
-                    rows.append(TargetRows(s, last - len(tokens) + 1, position, tokens, 0, len(tokens)))
+                    rows.append(
+                        TargetRows(first_seq + s, last - len(tokens) + 1, position, tokens, 0, len(tokens))
+                    )
             assert llama_cpp.llama_decode(target, batch.view(batch.size)) == 0
             for item in rows:
-                s = item.seq_id
+                s = item.seq_id - first_seq
                 if prefilled[s] < len(prompts[s]):
                     prefilled[s] += len(item.tokens)
                     if prefilled[s] == len(prompts[s]):
@@ -159,12 +179,14 @@ def speculative_greedy(model: Any, prompts: list[list[int]], n: int, k: int) -> 
                     kept = item.position + item.n_kept
                     llama_cpp.llama_memory_seq_rm(memory, item.seq_id, kept, -1)
                     drafter.rollback(item.seq_id, kept)
+        assert drafter.decode_failures == 0
         for s in range(len(prompts)):
-            drafter.release(s)
+            drafter.release(first_seq + s)
         return Spec([out[:n] for out in spec.outputs], spec.drafted, spec.accepted, spec.first_drafts)
     finally:
-        drafter.close()
-        llama_cpp.llama_free(target)
+        if pair is None:
+            drafter.close()
+            llama_cpp.llama_free(target)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -212,8 +234,9 @@ def reference_hidden(model: Any, text: list[int], n_embd: int) -> npt.NDArray[np
 
 
 def reference_head_argmax(
-    model: Any, text: list[int], hidden: npt.NDArray[np.float32], n_vocab: int
+    model: Any, text: list[int], hidden: npt.NDArray[np.float32], n_vocab: int, first: int = 0
 ) -> list[int]:
+    """The head's argmax at every position of `text` (-1 below `first`), fed the rows from `first` on."""
     target = new_target(model)
     params = llama_cpp.llama_context_default_params()
     params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
@@ -224,8 +247,8 @@ def reference_head_argmax(
     try:
         batch = BatchBuffer(N_BATCH, hidden.shape[1])
         previous = np.vstack([np.zeros((1, hidden.shape[1]), dtype=np.float32), hidden[:-1]])
-        best: list[int] = []
-        for start in range(0, len(text), N_BATCH):
+        best: list[int] = [-1] * first
+        for start in range(first, len(text), N_BATCH):
             batch.clear()
             chunk = text[start : start + N_BATCH]
             batch.add_chunk(chunk, start, 0, False)
@@ -236,6 +259,72 @@ def reference_head_argmax(
         return best
     finally:
         llama_cpp.llama_free(mtp)
+        llama_cpp.llama_free(target)
+
+
+def mismatches(
+    model: Any, prompt: list[int], spec_out: list[int], drafts: dict[int, int], first: int = 0
+) -> int:
+    """How many draft-1s differ from the head recomputed over the final text (rows from `first` on)."""
+    text = [*prompt, *spec_out]
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    expected = reference_head_argmax(model, text, reference_hidden(model, text, n_embd), n_vocab, first)
+    assert len(drafts) > 5
+    return sum(expected[p] != d for p, d in drafts.items())
+
+
+@pytest.fixture(scope="module")
+def attentive_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A head whose own attention decides its argmax (head_gain 1), so its context is visible in drafts."""
+    path = write_tiny_mtp(tmp_path_factory.mktemp("attentive") / "attentive.gguf", head_gain=1.0)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), load_mtp_params())
+    assert model
+    yield model
+    llama_cpp.llama_model_free(model)
+
+
+def test_stale_rows_of_a_released_sequence_are_not_reused_for_another_history(attentive_model: Any) -> None:
+    """Sequence 0 serves history A and is released (its MTP rows stay, for a next turn). Then the target
+    gets another history B's prefix into sequence 0 without the drafter seeing it (a prefix copied from
+    another slot): the drafter must drop A's rows, so its drafts are the head over B's observed rows."""
+    model = attentive_model
+    target = new_target(model)
+    drafter = new_drafter(model, target)
+    memory = llama_cpp.llama_get_memory(target)
+    try:
+        a, b, copied = PROMPTS[2], [1, *(200 - i for i in range(70))], 50
+        speculative_greedy(model, [a], 30, 3, pair=(target, drafter))
+        llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+        batch = BatchBuffer(N_BATCH)
+        batch.add_chunk(b[:copied], 0, 0, False)
+        assert llama_cpp.llama_decode(target, batch.view(batch.size)) == 0
+        spec = speculative_greedy(model, [b], 30, 3, pair=(target, drafter), skip=copied)
+        assert spec.outputs[0] == plain_greedy(model, b, 30)
+        # The first observed row (position `copied`) has no known hidden state before it: not fed either.
+        assert mismatches(model, b, spec.outputs[0], spec.first_drafts[0], first=copied + 1) == 0
+    finally:
+        drafter.close()
+        llama_cpp.llama_free(target)
+
+
+def test_a_full_mtp_kv_drops_released_rows_and_retries(attentive_model: Any) -> None:
+    """An MTP KV too small for two sequences' rows: the released one's rows make room for the live one."""
+    model = attentive_model
+    target = new_target(model)
+    drafter = MtpDrafter(
+        target, model, n_ctx=256, n_batch=N_BATCH, n_ubatch=N_BATCH, n_seq_max=N_SEQ, kv_unified=True
+    )
+    try:
+        speculative_greedy(model, [PROMPTS[2]], 60, 3, pair=(target, drafter))  # ~150 rows, then released
+        b = [1, *(200 - i for i in range(60))]
+        spec = speculative_greedy(model, [b], 60, 3, pair=(target, drafter), first_seq=1)
+        assert drafter.decode_failures == 0
+        assert 0 not in drafter._states  # sequence 0's rows were dropped for room
+        assert spec.outputs[0] == plain_greedy(model, b, 60)
+        assert mismatches(model, b, spec.outputs[0], spec.first_drafts[0]) == 0
+    finally:
+        drafter.close()
         llama_cpp.llama_free(target)
 
 

@@ -215,26 +215,36 @@ class MtpDrafter(Drafter):
             llama_cpp.llama_memory_seq_rm(self._memory, item.seq_id, -1, -1)
         elif not state.live:  # a new request on a released sequence: its rows below `start` are checked
             state.live, state.resumed_at = True, start  # against the new history at the first draft
-        if start + 1 < state.fed:  # the sequence went back past its pending row: drop what follows
+        # llama.cpp takes a sequence's rows only at consecutive positions, right after the last it holds.
+        end = state.stash[-1].position + 1 if state.stash else state.fed
+        if start + 1 < end:  # the sequence went back past its pending row: drop what follows
             self.rollback(item.seq_id, start)
+        elif start > end:  # the target got rows this context never saw (a copied prefix): start over
+            self._clear(item.seq_id, state)
         hidden = self._target_hidden(item.first_row, item.n_kept)
         if hidden is None:
+            self._clear(item.seq_id, state)
             return
         for i in range(item.n_kept):
             position = start + i
             if i > 0:
-                previous: npt.NDArray[np.float32] | None = hidden[i - 1]
-            elif position == 0:
-                previous = np.zeros(self.n_embd, dtype=np.float32)
-            elif state.last_pos == position - 1:
+                previous = hidden[i - 1]
+            elif state.last_pos == position - 1 and state.last_hidden is not None:
                 previous = state.last_hidden
-            else:
-                previous = None  # the target's state before this item is unknown here: leave a hole
-            if previous is not None and position >= state.fed:
+            else:  # position 0, or the target's state before this item is unknown here (a reused prefix):
+                previous = np.zeros(self.n_embd, dtype=np.float32)  # a row of lesser quality, no gap
+            if position >= state.fed:
                 state.stash.append(_Row(position, int(item.tokens[i]), previous))
                 self._stashed += 1
         state.last_pos = start + item.n_kept - 1
         state.last_hidden = hidden[item.n_kept - 1]
+
+    def _clear(self, seq_id: int, state: _SeqState) -> None:
+        """Forget every row of the sequence (its state object stays)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._stashed -= len(state.stash)
+        state.stash, state.tokens, state.fed = [], [], 0
+        state.last_pos, state.last_hidden, state.resumed_at = -1, None, None
 
     def _target_hidden(self, first_row: int, n: int) -> npt.NDArray[np.float32] | None:
         """A copy of the target's hidden states for batch rows first_row .. first_row + n - 1."""
@@ -309,8 +319,10 @@ class MtpDrafter(Drafter):
         """A released sequence's rows serve a new request only where the new history has the same tokens
         (a row's content depends on nothing else). Otherwise its target KV came from elsewhere (a prefix
         copied from another slot): drop the old rows and the first new one, fed with the old hidden state."""
-        state = self._states[seq.seq_id]
-        start, state.resumed_at = state.resumed_at or 0, None
+        state = self._states.get(seq.seq_id)
+        if state is None or state.resumed_at is None:  # dropped meanwhile (a failed decode)
+            return
+        start, state.resumed_at = state.resumed_at, None
         old = np.asarray(state.tokens[:start], dtype=np.int64)
         new = np.asarray(seq.tokens[: len(old)], dtype=np.int64)
         if len(new) == len(old) and bool(np.all((old == new) | (old < 0))):
