@@ -368,6 +368,8 @@ class Scheduler:
         candidates = []
         for seq in decoding:
             submit = seq.request.submit
+            if not self.spec.wants(submit.prediction is not None, submit.speculative):
+                continue
             room = min(submit.max_tokens - seq.generated - 1, self.n_ctx_seq - seq.n_past - 2)
             candidates.append(
                 Candidate(

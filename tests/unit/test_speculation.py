@@ -303,6 +303,13 @@ def test_prompt_lookup_drafts_what_followed_the_last_ngram() -> None:
     assert lookup.draft([DraftSeq(0, [8, 8, 8], 5, 3)]) == [[8]]  # the latest occurrence: one follower
 
 
+def test_prompt_lookup_prefers_the_occurrence_with_the_longest_matching_context() -> None:
+    lookup = PromptLookup(max_ngram=2)
+    # (2, 3) follows 7 at position 2 and 8 at position 7: the tail "1 7 2 3" continues like the first.
+    history = [1, 7, 2, 3, 5, 9, 8, 2, 3, 6, 1, 7, 2, 3]
+    assert lookup.draft([DraftSeq(0, history, 2, 10)]) == [[5, 9]]
+
+
 def test_prediction_drafter_follows_the_prediction_forward() -> None:
     drafter = PredictionDrafter()
     prediction = [10, 11, 12, 10, 11, 13, 14]

@@ -68,6 +68,10 @@ class Speculation:
     def providers(self) -> list[Drafter]:
         return [d for d in (self.drafter, self.prediction) if d is not None]
 
+    def wants(self, predicted: bool, speculative: bool) -> bool:
+        """Whether a request (with a prediction or not, opted out or not) could draft at all."""
+        return speculative and (predicted or self.drafter is not None)
+
     def propose(self, candidates: list[Candidate], running: int) -> dict[int, list[int]]:
         """Drafts by sequence id for the candidates that speculate this step (none above `max_batch`)."""
         if self.max_batch is not None and running > self.max_batch:

@@ -25,10 +25,17 @@ def _prompt_lookup(options: ModelOptions, engine: LlamaEngine) -> Drafter:
     return PromptLookup(options.draft_model_max_ngram_size)
 
 
+def _draft_model(options: ModelOptions, engine: LlamaEngine) -> Drafter:
+    from worker.speculative.draft_model import DraftModel
+
+    return DraftModel(options, engine)
+
+
 # Config name -> builder.
 PROVIDERS: dict[str, Callable[[ModelOptions, LlamaEngine], Drafter]] = {
     "prompt-lookup-decoding": _prompt_lookup,
     "draft-mtp": build_mtp,
+    "draft-model": _draft_model,
 }
 
 
