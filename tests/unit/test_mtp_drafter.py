@@ -234,9 +234,15 @@ def reference_hidden(model: Any, text: list[int], n_embd: int) -> npt.NDArray[np
 
 
 def reference_head_argmax(
-    model: Any, text: list[int], hidden: npt.NDArray[np.float32], n_vocab: int, first: int = 0
+    model: Any,
+    text: list[int],
+    hidden: npt.NDArray[np.float32],
+    n_vocab: int,
+    first: int = 0,
+    zero_at: int | None = None,
 ) -> list[int]:
-    """The head's argmax at every position of `text` (-1 below `first`), fed the rows from `first` on."""
+    """The head's argmax at every position of `text` (-1 below `first`), fed the rows from `first` on;
+    the row at `zero_at` gets a zero hidden state (as the drafter feeds a row whose input it cannot know)."""
     target = new_target(model)
     params = llama_cpp.llama_context_default_params()
     params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
@@ -247,6 +253,8 @@ def reference_head_argmax(
     try:
         batch = BatchBuffer(N_BATCH, hidden.shape[1])
         previous = np.vstack([np.zeros((1, hidden.shape[1]), dtype=np.float32), hidden[:-1]])
+        if zero_at is not None:
+            previous[zero_at] = 0.0
         best: list[int] = [-1] * first
         for start in range(first, len(text), N_BATCH):
             batch.clear()

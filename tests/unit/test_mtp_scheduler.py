@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
 from tests.fixtures.tiny_mtp import write_tiny_mtp
@@ -19,7 +21,7 @@ from tests.unit.test_mtp_drafter import reference_head_argmax, reference_hidden
 from worker.engine import LlamaEngine
 from worker.runner import build_scheduler
 from worker.scheduler import Scheduler
-from worker.speculative.base import DraftSeq
+from worker.speculative.base import DraftSeq, TargetRows
 from worker.speculative.mtp import MtpDrafter
 from worker.speculative.setup import build_speculation
 
@@ -143,3 +145,58 @@ def finish(sched: Scheduler) -> dict[str, list[int]]:
         for item in result.items:
             out.setdefault(item.rid, []).extend(item.token_ids)
     return out
+
+
+def test_a_sibling_borrows_the_prompt_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`n = 2`: the second choice gets the prompt's target KV by copy, never decoded; its MTP rows for the
+    prompt are copied from the first choice's, so its drafts see the whole prompt: they equal the head
+    recomputed over its full text (its first own row has no known hidden state: zero there, as fed)."""
+    path = write_tiny_mtp(tmp_path / "attentive.gguf", head_gain=1.0)
+    options = ModelOptions(
+        path=str(path),
+        n_ctx=2 * 512,
+        n_seq_max=2,
+        n_batch=64,
+        threads=1,
+        threads_batch=1,
+        draft_model="draft-mtp",
+        draft_model_num_pred_tokens=3,
+    )
+    engine = LlamaEngine(options, path, WorkerOverride())
+    speculation = build_speculation(options, engine)
+    assert speculation is not None and isinstance(speculation.drafter, MtpDrafter)
+    drafter = speculation.drafter
+    first_positions: dict[int, int] = {}
+    seen: list[tuple[int, list[int], int]] = []
+    stash, draft = MtpDrafter._stash_kept, drafter.draft
+
+    def observing(self: MtpDrafter, item: TargetRows) -> None:
+        first_positions.setdefault(item.seq_id, item.position)
+        stash(self, item)
+
+    def recording(seqs: list[DraftSeq]) -> list[list[int]]:
+        drafts = draft(seqs)
+        seen.extend((s.seq_id, list(s.tokens), d[0]) for s, d in zip(seqs, drafts, strict=True) if d)
+        return drafts
+
+    monkeypatch.setattr(MtpDrafter, "_stash_kept", observing)
+    drafter.draft = recording  # type: ignore[method-assign]
+    sched = build_scheduler(engine, speculation=speculation)
+    try:
+        prompt = [5 + (k * 11) % 250 for k in range(60)]
+        sched.submit(SubmitRequest("r", prompt, 40, n=2, sampling=SamplingParams(temperature=0.0)))
+        finish(sched)
+        siblings = [seq_id for seq_id, position in first_positions.items() if position > 0]
+        assert len(siblings) == 1
+        sibling = siblings[0]
+        drafts = [(tokens, d) for seq_id, tokens, d in seen if seq_id == sibling]
+        text = max((tokens for tokens, _ in drafts), key=len)
+        hidden = reference_hidden(engine.model, text, drafter.n_embd)
+        expected = reference_head_argmax(
+            engine.model, text, hidden, drafter.n_vocab, zero_at=first_positions[sibling]
+        )
+        assert len(drafts) > 5
+        assert [d for _, d in drafts] == [expected[len(tokens) - 1] for tokens, _ in drafts]
+    finally:
+        sched.close()
+        engine.close()

@@ -67,6 +67,7 @@ class _SeqState:
     tokens: list[int] = field(default_factory=list)  # the token of each decoded row by position; -1: none
     live: bool = True  # False once released: the rows stay for a later request that reuses the prefix
     resumed_at: int | None = None  # first position fed after a release, until the history is checked
+    missing: int = 0  # rows below this position are absent: copy them from a sequence with the same history
 
 
 def check_nextn(options: ModelOptions, n_layer_nextn: int) -> None:
@@ -174,6 +175,7 @@ class MtpDrafter(Drafter):
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = n_seq_max
         params.kv_unified = kv_unified
+        self._kv_unified = kv_unified  # cells can then be shared by range (llama_memory_seq_cp)
         params.n_rs_seq = 0
         if threads is not None:
             params.n_threads = threads
@@ -221,6 +223,7 @@ class MtpDrafter(Drafter):
             self.rollback(item.seq_id, start)
         elif start > end:  # the target got rows this context never saw (a copied prefix): start over
             self._clear(item.seq_id, state)
+            state.missing = start
         hidden = self._target_hidden(item.first_row, item.n_kept)
         if hidden is None:
             self._clear(item.seq_id, state)
@@ -244,7 +247,7 @@ class MtpDrafter(Drafter):
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._stashed -= len(state.stash)
         state.stash, state.tokens, state.fed = [], [], 0
-        state.last_pos, state.last_hidden, state.resumed_at = -1, None, None
+        state.last_pos, state.last_hidden, state.resumed_at, state.missing = -1, None, None, 0
 
     def _target_hidden(self, first_row: int, n: int) -> npt.NDArray[np.float32] | None:
         """A copy of the target's hidden states for batch rows first_row .. first_row + n - 1."""
@@ -265,6 +268,11 @@ class MtpDrafter(Drafter):
             self._flush()
             for seq in resumed:
                 self._check_history(seq)
+        needy = [s for s in seqs if s.seq_id in self._states and self._states[s.seq_id].missing > 0]
+        if needy and self._kv_unified:
+            self._flush()
+            for seq in needy:
+                self._borrow(seq)
         ready = [i for i, seq in enumerate(seqs) if self._can_draft(seq)]
         if self._stashed + len(ready) > self.n_batch:
             self._flush()
@@ -329,6 +337,30 @@ class MtpDrafter(Drafter):
             return
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, 0, start + 1)
         state.tokens[: start + 1] = [-1] * min(start + 1, len(state.tokens))
+        state.missing = start + 1
+
+    def _borrow(self, seq: DraftSeq) -> None:
+        """Copy the absent low rows of `seq` from the sequence whose decoded rows match its history longest
+        (an `n > 1` request's prompt, a shared system prompt): a row depends only on the tokens up to it.
+        One attempt per gap; the first row after the gap keeps its approximate (zero) hidden state."""
+        state = self._states[seq.seq_id]
+        missing, state.missing = state.missing, 0
+        history = np.asarray(seq.tokens[:missing], dtype=np.int64)
+        donor, length = -1, 0
+        for other_id, other in self._states.items():
+            n = min(len(other.tokens), len(history))
+            if other_id == seq.seq_id or n <= length:
+                continue
+            same = np.asarray(other.tokens[:n], dtype=np.int64) == history[:n]
+            match = n if bool(same.all()) else int(same.argmin())
+            if match > length:
+                donor, length = other_id, match
+        if length == 0:
+            return
+        llama_cpp.llama_memory_seq_cp(self._memory, donor, seq.seq_id, 0, length)
+        if len(state.tokens) < length:
+            state.tokens.extend([-1] * (length - len(state.tokens)))
+        state.tokens[:length] = history[:length].tolist()
 
     def _note(self, state: _SeqState, position: int, token: int) -> None:
         """Record a decoded row."""
