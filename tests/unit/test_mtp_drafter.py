@@ -110,6 +110,7 @@ def speculative_greedy(
     pair: tuple[Any, MtpDrafter] | None = None,
     first_seq: int = 0,
     skip: int = 0,
+    mtp_failures: bool = False,
 ) -> Spec:
     """All sequences in one target batch per step, as the runner does; prefill chunks included.
 
@@ -179,7 +180,7 @@ def speculative_greedy(
                     kept = item.position + item.n_kept
                     llama_cpp.llama_memory_seq_rm(memory, item.seq_id, kept, -1)
                     drafter.rollback(item.seq_id, kept)
-        assert drafter.decode_failures == 0
+        assert (drafter.decode_failures > 0) == mtp_failures
         for s in range(len(prompts)):
             drafter.release(first_seq + s)
         return Spec([out[:n] for out in spec.outputs], spec.drafted, spec.accepted, spec.first_drafts)
@@ -331,6 +332,23 @@ def test_a_full_mtp_kv_drops_released_rows_and_retries(attentive_model: Any) -> 
         assert 0 not in drafter._states  # sequence 0's rows were dropped for room
         assert spec.outputs[0] == plain_greedy(model, b, 60)
         assert mismatches(model, b, spec.outputs[0], spec.first_drafts[0]) == 0
+    finally:
+        drafter.close()
+        llama_cpp.llama_free(target)
+
+
+def test_an_mtp_kv_too_small_costs_drafts_not_requests(mtp_model: Any) -> None:
+    """MTP decodes that fail (an MTP KV of 256 cells, llama.cpp's least, for a 330-token sequence) drop
+    the sequence's MTP state and drafting resumes after; the output is the target's all the same."""
+    target = new_target(mtp_model)
+    drafter = MtpDrafter(
+        target, mtp_model, n_ctx=256, n_batch=N_BATCH, n_ubatch=N_BATCH, n_seq_max=N_SEQ, kv_unified=True
+    )
+    long_prompt = [1, *(7 + (i * 37) % 250 for i in range(270))]
+    try:
+        spec = speculative_greedy(mtp_model, [long_prompt], 60, 3, pair=(target, drafter), mtp_failures=True)
+        assert spec.outputs[0] == plain_greedy(mtp_model, long_prompt, 60)
+        assert spec.accepted > 0
     finally:
         drafter.close()
         llama_cpp.llama_free(target)

@@ -19,9 +19,14 @@ How the rows line up, per sequence (see worker/speculative/base.py for the step 
   The chained rows are speculative and removed right after (`llama_memory_seq_rm`); the pending token's row
   stays, since the target decodes that very token next.
 - Rejected drafts never reach the MTP KV (only kept rows are stashed), so a rollback has nothing to undo
-  beyond defensive trimming. Rows the target got without a decode here (a reused cached prefix, a copied
-  sibling prompt) leave holes: the head then sees less context and drafts worse, never wrongly - the
-  target verifies every draft.
+  beyond defensive trimming.
+- llama.cpp takes a sequence's new rows only right after the last position it holds, so rows are never
+  skipped: a row whose h_{p-1} is unknown (the first row after a prefix the target reused) gets zeros.
+- A released sequence keeps its rows, as the prefix cache keeps its target KV: a next turn on the same
+  slot drafts with the whole conversation in view, after its rows are checked against the new history.
+  Rows the MTP context never saw (a prefix copied from another slot, an `n > 1` sibling's prompt) are
+  copied from the sequence whose rows match the history longest. What stays absent only makes the head
+  see less context: drafts get worse, never wrong - the target verifies every draft.
 
 Greedy drafts: the head's argmax, cut short when its probability falls below `draft_model_p_min`.
 `draft_model_top_k` only matters for sampled drafts, which this provider does not make. With several NextN
@@ -292,7 +297,7 @@ class MtpDrafter(Drafter):
                 llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, n, -1)
             out_rows[i] = self._add_row(int(seq.tokens[-1]), n, seq.seq_id, state.last_hidden, True)
             self._note(state, n, int(seq.tokens[-1]))
-        if not self._decode(batch.size, [seqs[i].seq_id for i in ready]):
+        if not self._decode(batch.size):
             return drafts
         active = list(ready)
         for step in range(max((seqs[i].k for i in ready), default=0)):
@@ -315,7 +320,7 @@ class MtpDrafter(Drafter):
                 seq = seqs[i]
                 position = len(seq.tokens) + step  # draft `step + 1` sits one past the pending token
                 out_rows[i] = self._add_row(token, position, seq.seq_id, hidden, True)
-            if not self._decode(batch.size, [seqs[i].seq_id for i in chained]):
+            if not self._decode(batch.size):
                 break
             active = chained
         for i in ready:  # the chained rows were guesses: only the pending token's row stays
@@ -422,9 +427,9 @@ class MtpDrafter(Drafter):
             for seq_id, r in chunk:
                 self._add_row(r.token, r.position, seq_id, r.hidden, False)
                 self._note(self._states[seq_id], r.position, r.token)
-            self._decode(self._batch.size, sorted({seq_id for seq_id, _ in chunk}))
+            self._decode(self._batch.size)
 
-    def _decode(self, n_rows: int, seq_ids: list[int]) -> bool:
+    def _decode(self, n_rows: int) -> bool:
         """One MTP decode. When it fails (the KV is full of released sequences' rows), those rows are
         dropped and it is tried once more; on a second failure the sequences involved restart with empty
         MTP state (no drafts until the target feeds them again), never a failed request."""
@@ -436,6 +441,7 @@ class MtpDrafter(Drafter):
         if status == 0:
             return True
         self.decode_failures += 1
+        seq_ids = sorted({int(seq_id) for seq_id in self._batch.seq_ids[:n_rows]})
         log.warning(
             "MTP llama_decode failed (status %d); dropping MTP state of %d sequences", status, len(seq_ids)
         )
