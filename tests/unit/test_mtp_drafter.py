@@ -99,6 +99,7 @@ class Spec:
     drafted: int = 0
     accepted: int = 0
     first_drafts: list[dict[int, int]] = field(default_factory=list)
+    drafts: list[dict[int, list[int]]] = field(default_factory=list)  # whole drafts, same keys
 
 
 def speculative_greedy(
@@ -122,7 +123,7 @@ def speculative_greedy(
     memory = llama_cpp.llama_get_memory(target)
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = BatchBuffer(N_BATCH)
-    spec = Spec([[] for _ in prompts], first_drafts=[{} for _ in prompts])
+    spec = Spec([[] for _ in prompts], first_drafts=[{} for _ in prompts], drafts=[{} for _ in prompts])
     prefilled = [skip] * len(prompts)
     try:
         while any(len(out) < n for out in spec.outputs):
@@ -139,6 +140,7 @@ def speculative_greedy(
                 drafts[s] = draft[: n - len(spec.outputs[s])]
                 if draft:
                     spec.first_drafts[s][len(ask.tokens) - 1] = draft[0]
+                    spec.drafts[s][len(ask.tokens) - 1] = list(draft)
             for s, prompt in enumerate(prompts):
                 if prefilled[s] < len(prompt):  # one prefill chunk per step, sharing the batch
                     chunk = prompt[prefilled[s] : prefilled[s] + 24]
@@ -183,7 +185,8 @@ def speculative_greedy(
         assert (drafter.decode_failures > 0) == mtp_failures
         for s in range(len(prompts)):
             drafter.release(first_seq + s)
-        return Spec([out[:n] for out in spec.outputs], spec.drafted, spec.accepted, spec.first_drafts)
+        spec.outputs = [out[:n] for out in spec.outputs]
+        return spec
     finally:
         if pair is None:
             drafter.close()
@@ -214,6 +217,60 @@ def test_drafts_are_the_heads_predictions_over_the_final_text(mtp_model: Any) ->
         assert len(first_drafts) > N_GEN // 4
         mismatched = {p: (d, expected[p]) for p, d in first_drafts.items() if expected[p] != d}
         assert not mismatched
+
+
+def test_chained_drafts_are_the_heads_own_chain(mtp_model: Any) -> None:
+    """Drafts 2 and 3 chain the head on its own output: the row (d_j, the head's hidden state for the row
+    before) one position further. Recomputed from scratch for some drafts of the batched run, they must
+    match, which pins the chained rows' positions, inputs and removal."""
+    spec = speculative_greedy(mtp_model, PROMPTS, N_GEN, 3)
+    n_embd = llama_cpp.llama_model_n_embd(mtp_model)
+    checked = 0
+    for prompt, out, drafts in zip(PROMPTS, spec.outputs, spec.drafts, strict=True):
+        text = [*prompt, *out]
+        hidden = reference_hidden(mtp_model, text, n_embd)
+        for pending, draft in list(drafts.items())[::4]:
+            if len(draft) > 1:
+                assert reference_chain(mtp_model, text[: pending + 1], hidden, len(draft)) == draft
+                checked += 1
+    assert checked > 10
+
+
+def reference_chain(model: Any, text: list[int], hidden: npt.NDArray[np.float32], k: int) -> list[int]:
+    """The head's k chained drafts after `text` (its last token pending), in a fresh MTP context."""
+    target = new_target(model)
+    params = llama_cpp.llama_context_default_params()
+    params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+    params.ctx_other = target
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = N_CTX, N_BATCH, N_BATCH, 1
+    mtp = llama_cpp.llama_init_from_model(model, params)
+    assert mtp
+    n_embd = hidden.shape[1]
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    try:
+        llama_cpp_ext.llama_set_embeddings_nextn(mtp, True, False)  # every row's, by batch row
+        batch = BatchBuffer(N_BATCH, n_embd)
+        previous = np.vstack([np.zeros((1, n_embd), dtype=np.float32), hidden[: len(text) - 1]])
+        for start in range(0, len(text), N_BATCH):
+            batch.clear()
+            chunk = text[start : start + N_BATCH]
+            last = batch.add_chunk(chunk, start, 0, start + len(chunk) == len(text))
+            batch.embd[: len(chunk)] = previous[start : start + len(chunk)]
+            assert llama_cpp.llama_decode(mtp, batch.view(batch.size)) == 0
+        drafts = [argmax_row(mtp, last, n_vocab)]
+        row = last
+        while len(drafts) < k:
+            pointer = llama_cpp_ext.llama_get_embeddings_nextn_ith(mtp, row)
+            own = np.ctypeslib.as_array(pointer, shape=(n_embd,)).copy()
+            batch.clear()
+            row = batch.add_token(drafts[-1], len(text) + len(drafts) - 1, 0, True)
+            batch.embd[row] = own
+            assert llama_cpp.llama_decode(mtp, batch.view(1)) == 0
+            drafts.append(argmax_row(mtp, row, n_vocab))
+        return drafts
+    finally:
+        llama_cpp.llama_free(mtp)
+        llama_cpp.llama_free(target)
 
 
 def reference_hidden(model: Any, text: list[int], n_embd: int) -> npt.NDArray[np.float32]:

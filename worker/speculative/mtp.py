@@ -196,8 +196,11 @@ class MtpDrafter(Drafter):
         self._p_min = p_min
         self._states: dict[int, _SeqState] = {}
         self._stashed = 0
-        # MTP rows output their own hidden state (for chaining), only for the rows with logits.
-        llama_cpp_ext.llama_set_embeddings_nextn(ctx, True, True)
+        # MTP rows output their own hidden state (for chaining). Unmasked: every row's, indexed by batch row;
+        # the masked mode returns the batch's FIRST rows, not its output rows, for an MTP graph (its hidden
+        # state is taken before the output rows are selected), which chained from the wrong row whenever
+        # stashed rows shared the decode (tests/unit/test_mtp_drafter.py, the chained-drafts test).
+        llama_cpp_ext.llama_set_embeddings_nextn(ctx, True, False)
         # The target outputs its hidden state for every row of every decode from now on.
         llama_cpp_ext.llama_set_embeddings_nextn(target_ctx, True, False)
         # Counters the bench and tests read (the scheduler counts drafted / accepted per provider).
