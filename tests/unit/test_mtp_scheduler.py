@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from shared.config import ModelOptions, WorkerOverride
+from shared.config import FromPretrainedOptions, ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
 from tests.fixtures.tiny_mtp import write_tiny_mtp
 from tests.unit.test_mtp_drafter import reference_head_argmax, reference_hidden
 from worker.engine import LlamaEngine
 from worker.runner import build_scheduler
 from worker.scheduler import Scheduler
+from worker.speculative import mtp as mtp_module
 from worker.speculative.base import DraftSeq, TargetRows
 from worker.speculative.mtp import MtpDrafter
 from worker.speculative.setup import build_speculation
@@ -67,7 +68,9 @@ def test_scheduler_greedy_with_mtp_equals_plain(tiny_mtp_gguf: Path) -> None:
     assert 0 < accepted["draft-mtp"] < drafted["draft-mtp"]
 
 
-def test_an_assistant_gguf_drafts_as_the_models_own_block(tiny_mtp_gguf: Path, tmp_path: Path) -> None:
+def test_an_assistant_gguf_drafts_as_the_models_own_block(
+    tiny_mtp_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`draft_model_path`: the NextN block in a GGUF of its own, the target without it. Same weights, so the
     same drafts: identical outputs and identical drafted / accepted counts to the one-file model."""
     trunk = write_tiny_mtp(tmp_path / "trunk.gguf", part="trunk")
@@ -76,6 +79,20 @@ def test_an_assistant_gguf_drafts_as_the_models_own_block(tiny_mtp_gguf: Path, t
     split = run(trunk, draft_model="draft-mtp", draft_model_num_pred_tokens=3, draft_model_path=str(nextn))
     assert split == whole
     assert whole[2]["draft-mtp"] > 0
+    # The same assistant named by draft_model_from_pretrained (the hub download itself is not under test).
+    asked: list[FromPretrainedOptions] = []
+
+    def resolve(options: FromPretrainedOptions) -> Path:
+        asked.append(options)
+        return nextn
+
+    monkeypatch.setattr(mtp_module, "resolve_from_pretrained", resolve)
+    hub = {"repo_id": "example/assistant-GGUF", "filename": "nextn.gguf"}
+    pretrained = run(
+        trunk, draft_model="draft-mtp", draft_model_num_pred_tokens=3, draft_model_from_pretrained=hub
+    )
+    assert pretrained == whole
+    assert [(o.repo_id, o.filename) for o in asked] == [("example/assistant-GGUF", "nextn.gguf")]
 
 
 def test_p_min_cuts_unsure_drafts_and_stays_exact(tiny_mtp_gguf: Path) -> None:
