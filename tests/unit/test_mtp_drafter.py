@@ -449,6 +449,14 @@ def test_an_assistant_that_does_not_load_names_draft_model_path(tiny_mtp_gguf: P
         start(tiny_mtp_gguf, draft_model_path=str(broken))
 
 
+def test_an_assistant_of_another_width_names_draft_model_path(tiny_mtp_gguf: Path, tmp_path: Path) -> None:
+    narrow = write_tiny_mtp(tmp_path / "narrow.gguf", n_embd=32, part="nextn")
+    with pytest.raises(
+        ConfigError, match=r"model\.draft_model_path: the MTP model's embedding size 32 differs"
+    ):
+        start(tiny_mtp_gguf, draft_model_path=str(narrow))
+
+
 def test_a_recurrent_model_is_refused(tmp_path: Path) -> None:
     """Rejected drafts cannot be removed from recurrent state (no retained n_rs_seq slots here)."""
     mamba = write_tiny_recurrent(tmp_path / "mamba.gguf")
