@@ -77,3 +77,16 @@ def test_a_model_without_nextn_layers_fails_the_worker_start(tiny_llama_gguf: Pa
     done = start_worker(tmp_path, model_config(tiny_llama_gguf, draft_model="draft-mtp"))
     assert done.returncode == 2, done.stderr[-2000:]
     assert 'model.draft_model "draft-mtp" needs NextN (MTP) layers' in done.stderr
+
+
+def test_seeded_sampling_draws_the_same_tokens(servers: tuple[Server, Server]) -> None:
+    """Drafts are greedy, verification samples with the request's own chain: a seeded sampled request
+    gives the same tokens with and without speculation (penalties and top_p included)."""
+    plain, spec = servers
+    for kwargs in (
+        {"temperature": 0.8, "seed": 7},
+        {"temperature": 1.0, "seed": 3, "top_p": 0.9, "frequency_penalty": 0.5},
+    ):
+        want = complete(plain, PROMPTS[0], max_tokens=48, logprobs=1, **kwargs)
+        have = complete(spec, PROMPTS[0], max_tokens=48, logprobs=1, **kwargs)
+        assert have.choices[0].logprobs.tokens == want.choices[0].logprobs.tokens, kwargs
