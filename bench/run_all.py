@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, media, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, media, mtp, prefix, serving, step_overhead, vs_llama_server, wire
 
 
 def main() -> None:
@@ -18,6 +18,8 @@ def main() -> None:
     embeddings.main([])
     print("\n== image input: embedding cache and prefix cache ==")
     media.main([])
+    print("\n== speculative decoding: draft-mtp on tiny NextN models ==")
+    mtp.main(["--concurrency", "1,4", "--ks", "1,3"])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
     vs_llama_server.main([])
 

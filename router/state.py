@@ -220,4 +220,5 @@ def make_submit(
         logprobs=logprobs,
         grammar=grammar,
         grammar_triggers=list(grammar_triggers or []),
+        speculative=bool(getattr(request, "speculative", True)),
     )

@@ -209,11 +209,11 @@ class ModelOptions(BaseModel):
     # Recurrent / hybrid models: bytes of prompt-end state checkpoints kept in memory for reuse.
     checkpoint_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Speculative decoding.
-    draft_model: Literal["prompt-lookup-decoding", "draft-mtp"] | None = None
+    draft_model: Literal["prompt-lookup-decoding", "draft-mtp", "draft-model"] | None = None
     draft_model_path: str | None = None
     draft_model_from_pretrained: FromPretrainedOptions | None = None
-    draft_model_num_pred_tokens: int = 16
-    draft_model_max_ngram_size: int = 2
+    draft_model_num_pred_tokens: int = Field(default=16, ge=1)
+    draft_model_max_ngram_size: int = Field(default=2, ge=1)
     draft_model_top_k: int = Field(default=1, ge=1)
     draft_model_p_min: float = Field(default=0.0, ge=0.0, le=1.0)
     draft_model_max_batch_size: int | None = Field(default=None, ge=1)
@@ -240,6 +240,12 @@ class ModelOptions(BaseModel):
         if self.draft_model_path is not None and self.draft_model_from_pretrained is not None:
             raise ValueError(
                 "model.draft_model_path and model.draft_model_from_pretrained are mutually exclusive"
+            )
+        k = self.draft_model_num_pred_tokens
+        if self.draft_model is not None and self.n_batch is not None and self.n_batch < k + 1:
+            raise ValueError(
+                f"model.n_batch {self.n_batch} leaves no room to verify model.draft_model_num_pred_tokens "
+                f"{k} drafts (needs n_batch >= {k + 1})"
             )
         return self
 

@@ -92,6 +92,10 @@ class SubmitRequest(_Message, tag="submit"):
     grammar_triggers: list[str] = msgspec.field(default_factory=list)
     # Image and audio items, in prompt order (needs a worker with a projector, model.mtmd).
     media: list[MediaInput] = msgspec.field(default_factory=list)
+    # OpenAI predicted outputs: the predicted completion's tokens, the request's draft source.
+    prediction: list[int] | None = None
+    # False: this request never speculates (the `speculative` request field).
+    speculative: bool = True
 
 
 class Cancel(_Message, tag="cancel"):
@@ -195,6 +199,13 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
     disk_cache_evictions_total: int = 0
     disk_cache_corrupt_removed_total: int = 0
     disk_cache_bytes: int = 0
+    # Speculative decoding: drafted / accepted tokens by provider, by draft position (index 0: the first
+    # draft token), and steps in which some sequence speculated.
+    spec_drafted_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+    spec_accepted_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+    spec_drafted_by_position: list[int] = msgspec.field(default_factory=list)
+    spec_accepted_by_position: list[int] = msgspec.field(default_factory=list)
+    spec_steps_total: int = 0
 
 
 class Stats(_Message, tag="stats"):
@@ -226,6 +237,8 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's first item when it had media: the prompt tokens the media added (the router
     # counts only the text tokens it sent).
     media_tokens: int | None = None
+    # Set on the last item of a request with a predicted output: its (accepted, rejected) prediction tokens.
+    prediction_tokens: tuple[int, int] | None = None
 
 
 class Frames(_Message, tag="frames"):

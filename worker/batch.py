@@ -18,9 +18,12 @@ import numpy.typing as npt
 class BatchBuffer:
     """Rows are appended with `add_token` / `add_chunk`, then `view(n)` gives the llama_batch to decode."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, n_embd: int = 0) -> None:
+        """`n_embd` > 0 also gives every row an input vector (`embd`), sent alongside its token: what an
+        MTP context reads as the target's hidden state (worker/speculative/mtp.py)."""
         self.capacity = capacity
         self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.embd = np.zeros((capacity, n_embd), dtype=np.float32)
         self.positions = np.zeros(capacity, dtype=np.int32)
         self.n_seq_ids = np.ones(capacity, dtype=np.int32)
         self.seq_ids = np.zeros(capacity, dtype=np.int32)
@@ -79,7 +82,7 @@ class BatchBuffer:
         # llama_cpp annotates these fields as arrays; they are plain pointers into our numpy buffers.
         fields = {
             "token": self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
-            "embd": None,
+            "embd": self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if self.embd.size else None,
             "pos": self.positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
             "n_seq_id": self.n_seq_ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
             "seq_id": ctypes.cast(self._seq_id_ptrs, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),

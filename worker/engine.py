@@ -72,6 +72,9 @@ def model_params(options: ModelOptions, override: WorkerOverride) -> tuple[Any, 
         params.tensor_split = split
     if options.use_mmap is not None:
         params.use_mmap = options.use_mmap
+    # draft-mtp without an assistant GGUF drafts from the model's own NextN block, skipped unless asked for.
+    own_mtp = options.draft_model_path is None and options.draft_model_from_pretrained is None
+    params.load_mtp = options.draft_model == "draft-mtp" and own_mtp
     if options.use_mlock is not None:
         params.use_mlock = options.use_mlock
     if options.kv_overrides:

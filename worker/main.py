@@ -31,6 +31,7 @@ from worker.engine import LlamaEngine
 from worker.media_setup import load_media, submit_with_media
 from worker.runner import build_scheduler
 from worker.scheduler import RequestRejected
+from worker.speculative.setup import build_speculation
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,7 @@ class WorkerProcess:
     def _warn_unsupported(self) -> None:
         """Seed config sections this version reads but does not act on yet: say so instead of ignoring."""
         model = self.config.model
-        for field, present in (
-            ("model.loras", bool(model.loras)),
-            ("model.draft_model", model.draft_model is not None),
-        ):
+        for field, present in (("model.loras", bool(model.loras)),):
             if present:
                 log.warning("%s is not supported by this version of llamafleet and is ignored", field)
 
@@ -152,7 +150,8 @@ class WorkerProcess:
             except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
                 log.warning("disk cache disabled: %s", error)
         self.media = load_media(self.config.model, self.engine, override)
-        self.scheduler = build_scheduler(self.engine, disk=disk, media=self.media)
+        speculation = build_speculation(self.config.model, self.engine)
+        self.scheduler = build_scheduler(self.engine, disk=disk, media=self.media, speculation=speculation)
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         try:

@@ -26,7 +26,9 @@ from worker.media import MediaEncoder, MediaSpan
 from worker.media_decode import decode_media
 from worker.sampling import SamplerChain, token_logprob
 from worker.scheduler import Scheduler
-from worker.step import Failure, Sampler, SeqResult, SeqWork, StepOutput, StepPlan
+from worker.speculative.base import Drafter, TargetRows
+from worker.speculative.control import Speculation
+from worker.step import Failure, Sampler, SampleTask, SeqResult, SeqWork, StepOutput, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,18 @@ class ModelRunner:
     """The scheduler's `Runner` on a real LlamaEngine."""
 
     def __init__(
-        self, engine: LlamaEngine, faults: FaultInjector | None = None, media: MediaEncoder | None = None
+        self,
+        engine: LlamaEngine,
+        faults: FaultInjector | None = None,
+        media: MediaEncoder | None = None,
+        drafters: list[Drafter] | None = None,
     ) -> None:
         self.engine = engine
         self.media = media
         self.faults = faults or FaultInjector()
+        # Speculation providers that read the target's outputs after each decode (MTP's hidden states).
+        self.observers = [d for d in drafters or [] if d.observes_target]
+        self.all_outputs = any(d.target_outputs for d in self.observers)
         self._eog = engine.vocab.eog_ids
         self._get_logits = llama_cpp.llama_get_logits
         self._logits_key = (0, 0)
@@ -84,16 +93,23 @@ class ModelRunner:
 
     # -- the step -----------------------------------------------------------------------------------
 
+    def _n_outputs(self, item: SeqWork) -> int:
+        """Rows at the end of the item that get outputs: what it samples from, or all for an observer."""
+        return len(item.tokens) if self.all_outputs else item.n_logits
+
     def _fill(self, work: list[SeqWork]) -> list[int]:
         """Writes the work items into the batch; returns each item's last row."""
         batch = self.engine.batch
         batch.clear()
         rows: list[int] = []
         for item in work:
+            n_out = self._n_outputs(item)
             if len(item.tokens) == 1:
-                rows.append(batch.add_token(item.tokens[0], item.position, item.seq_id, item.n_logits > 0))
+                rows.append(batch.add_token(item.tokens[0], item.position, item.seq_id, n_out > 0))
             else:
-                rows.append(batch.add_chunk(item.tokens, item.position, item.seq_id, item.n_logits > 0))
+                rows.append(batch.add_chunk(item.tokens, item.position, item.seq_id, n_out > 0))
+                if n_out > 1:  # verified drafts (or every row for an observing provider)
+                    batch.want_logits[rows[-1] - n_out + 1 : rows[-1] + 1] = 1
         return rows
 
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -147,9 +163,29 @@ class ModelRunner:
         logits: npt.NDArray[np.float32] | None = None
         out_index = -1  # llama.cpp keeps the output rows' logits contiguous, in batch order
         failed: set[str] = set()
+        observed: list[TargetRows] = []
         for item, row in zip(work, rows, strict=True):
-            if item.n_logits:
-                out_index += 1
+            n_out = self._n_outputs(item)
+            out_index += n_out
+            if self.observers:
+                observed.append(
+                    TargetRows(
+                        item.seq_id,
+                        row - len(item.tokens) + 1,
+                        item.position,
+                        np.asarray(item.tokens).tolist(),
+                        0,
+                        n_out,
+                    )
+                )
+            if item.n_logits > 1 and item.samples:  # drafted tokens to verify
+                if item.rid in failed or not self._verify(item, row, out_index, output, failed):
+                    continue
+                if self.observers:
+                    observed[-1].n_kept = len(output.sampled[item.seq_id].tokens)
+                continue
+            if self.observers:
+                observed[-1].n_kept = len(item.tokens)
             for sibling in item.copy_to:
                 self.engine.seq_cp(item.seq_id, sibling)
             for task in item.samples:
@@ -179,6 +215,45 @@ class ModelRunner:
                     failed.add(item.rid)
                     continue
                 output.sampled[task.seq_id] = result
+        if observed:
+            observed = [rows for rows in observed if rows.n_kept]
+            for drafter in self.observers:
+                drafter.after_target_decode(ctx, observed)
+
+    def _verify(self, item: SeqWork, row: int, out_index: int, output: StepOutput, failed: set[str]) -> bool:
+        """Samples the rows of `[pending, d1 .. dk]` in order with the sequence's own sampler: accepts while
+        the sample equals the next draft; the first mismatch's sample (or the bonus token after the last
+        draft) ends it. The sampler accepts exactly the tokens returned. False if the sampler failed."""
+        task: SampleTask = item.samples[0]
+        sampler = task.sampler
+        assert isinstance(sampler, SamplerChain)
+        n = len(item.tokens)
+        first_row, first_out = row - n + 1, out_index - n + 1
+        logits = self._output_logits() if sampler.plain_greedy else None
+        result = SeqResult([], [] if task.top_logprobs is not None else None)
+        try:
+            if self.faults.rules:
+                self.faults.bug("sample", item.rid)
+            for i in range(n):
+                if logits is not None:
+                    token = int(logits[first_out + i].argmax())
+                else:
+                    token = sampler.sample(self.engine.ctx, first_row + i)
+                result.tokens.append(token)
+                if result.logprobs is not None and task.top_logprobs is not None:
+                    row_logits = self.engine.logits_row(first_row + i)
+                    result.logprobs.append(token_logprob(row_logits, token, task.top_logprobs))
+                if i + 1 >= n or token != int(item.tokens[i + 1]):
+                    break
+        except Exception as error:  # one request's sampler bug must not take the worker down
+            log.exception("sampling for request %s failed", item.rid)
+            output.failures[task.seq_id] = Failure(
+                500, "server_error", f"internal error while sampling: {error}"
+            )
+            failed.add(item.rid)
+            return False
+        output.sampled[task.seq_id] = result
+        return True
 
     def _output_logits(self) -> npt.NDArray[np.float32]:
         """Every output row's logits as one (rows, n_vocab) view (kept while llama.cpp's buffer stays)."""
@@ -198,11 +273,13 @@ def build_scheduler(
     faults: FaultInjector | None = None,
     disk: DiskTier | None = None,
     media: MediaEncoder | None = None,
+    speculation: Speculation | None = None,
 ) -> Scheduler:
     """A scheduler on a ModelRunner for `engine`, with memory checkpoints when its memory cannot be
-    truncated (recurrent / hybrid models) and the disk tier when one is given."""
-    runner = ModelRunner(engine, faults, media)
+    truncated (recurrent / hybrid models), the disk tier when one is given, media spans decoded with the
+    projector, and speculative decoding."""
+    runner = ModelRunner(engine, faults, media, speculation.providers() if speculation is not None else None)
     checkpoints = None
     if engine.options.prefix_cache and engine.info.recurrent:
         checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)
-    return Scheduler(runner, runner.faults, disk=disk, checkpoints=checkpoints)
+    return Scheduler(runner, runner.faults, disk=disk, checkpoints=checkpoints, speculation=speculation)

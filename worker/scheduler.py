@@ -32,6 +32,7 @@ from shared.protocol import (
 from worker.faults import FaultInjector
 from worker.media import plan_take
 from worker.slots import ReusePlan, SlotTable
+from worker.speculative.control import Candidate, Speculation
 from worker.step import (
     PrefixTier,
     Runner,
@@ -102,6 +103,10 @@ class ActiveRequest:
         """Speculative decoding skips requests with media."""
         return self.media is not None
 
+    # Drafts from the request's predicted output that the target accepted / rejected.
+    prediction_accepted: int = 0
+    prediction_rejected: int = 0
+
     @property
     def prompt_list(self) -> list[int]:
         return self.submit.prompt
@@ -131,8 +136,10 @@ class Scheduler:
         faults: FaultInjector | None = None,
         disk: DiskTier | None = None,
         checkpoints: MemoryCheckpoints | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.runner = runner
+        self.spec = speculation
         self.disk = disk
         self.checkpoints = checkpoints
         self.faults = faults or FaultInjector()
@@ -294,7 +301,13 @@ class Scheduler:
             return
         seq.finished = True
         seq.sampler.close()
-        self.slots.release(seq.seq_id, seq.kv_tokens() if keep_kv else None)
+        if self.spec is not None:
+            self.spec.release(seq.seq_id)
+        held = seq.kv_tokens() if keep_kv else None
+        if held is not None and len(held) < seq.n_past:  # verified drafts past a stop token
+            self.runner.seq_rm(seq.seq_id, len(held), -1)
+            seq.n_past = len(held)
+        self.slots.release(seq.seq_id, held)
 
     def _release(self, request: ActiveRequest, keep_kv: bool = True) -> None:
         for seq in request.sequences:
@@ -334,13 +347,17 @@ class Scheduler:
             key=lambda seq: seq.seq_id,
         )
         budget = self.n_batch - len(decoding)
+        drafts = self._drafts(decoding, budget) if self.spec is not None and decoding else {}
         work: list[SeqWork] = []
         media: list[tuple[int, MediaSpan]] = []
         for seq in decoding:
             planned[seq.seq_id] = seq
             sample = SampleTask(seq.seq_id, seq.sampler, seq.request.submit.logprobs)
+            draft = drafts.get(seq.seq_id, ())
+            budget -= len(draft)
+            tokens = [seq.last_token, *draft]
             work.append(
-                SeqWork(seq.request.submit.rid, seq.seq_id, [seq.last_token], seq.n_past, 1, [sample])
+                SeqWork(seq.request.submit.rid, seq.seq_id, tokens, seq.n_past, len(tokens), [sample])
             )
         for request in self.running.values():  # prefill budget in arrival order
             if not request.prefilling or budget <= 0:
@@ -371,6 +388,35 @@ class Scheduler:
         work.sort(key=lambda item: item.seq_id)
         return StepPlan(work, media=list(media))
 
+    def _drafts(self, decoding: list[Sequence], budget: int) -> dict[int, list[int]]:
+        """Draft tokens for the decoding sequences that speculate, within `budget` extra rows; a draft
+        never takes a sequence past its `max_tokens` or its context (see worker/speculative/)."""
+        assert self.spec is not None
+        candidates = []
+        for seq in decoding:
+            submit = seq.request.submit
+            if seq.request.has_media or not self.spec.wants(
+                submit.prediction is not None, submit.speculative
+            ):
+                continue  # media requests never speculate (their placeholder tokens are not text)
+            room = min(submit.max_tokens - seq.generated - 1, self.n_ctx_seq - seq.n_past - 2)
+            candidates.append(
+                Candidate(
+                    seq.seq_id,
+                    seq.request.prompt_list + seq.tokens,
+                    len(seq.request.prompt),
+                    room,
+                    submit.prediction,
+                    not submit.speculative,
+                    seq.request.stop_ids,
+                )
+            )
+        drafts = self.spec.propose(candidates, len(decoding))
+        for seq_id in sorted(drafts):  # the batch is full: later sequences draft less
+            drafts[seq_id] = drafts[seq_id][: max(budget, 0)]
+            budget -= len(drafts[seq_id])
+        return {seq_id: draft for seq_id, draft in drafts.items() if draft}
+
     def commit(self, plan: StepPlan, output: StepOutput) -> StepResult:
         """Fails the requests the runner reports failed, advances positions, saves finished prompts to the
         prefix tiers, turns sampled tokens into frame items and finishes requests."""
@@ -393,6 +439,8 @@ class Scheduler:
             if seq.finished:  # failed this step (or a bug): nothing to advance
                 continue
             seq.n_past = work.position + len(work.tokens)
+            if len(work.tokens) > 1 and work.n_logits == len(work.tokens) and work.samples:
+                self._verified(seq, work, sampled.get(seq.seq_id))
             if work.copy_to:
                 for sibling in request.sequences[1:]:
                     sibling.n_past = seq.n_past
@@ -406,6 +454,21 @@ class Scheduler:
         self._refresh_stats()
         return StepResult(items, errors)
 
+    def _verified(self, seq: Sequence, work: SeqWork, result: SeqResult | None) -> None:
+        """A verification row set ran: drop the rejected drafts' KV and count what was accepted."""
+        assert self.spec is not None
+        if result is None:  # the sampler failed: the request fails in this commit anyway
+            return
+        kept = work.position + len(result.tokens)  # the pending token plus the accepted drafts
+        if kept < seq.n_past:
+            self.runner.seq_rm(seq.seq_id, kept, -1)
+            seq.n_past = kept
+        drafted, accepted = len(work.tokens) - 1, len(result.tokens) - 1
+        if self.spec.verified(seq.seq_id, drafted, accepted) == "prediction":
+            seq.request.prediction_accepted += accepted
+            seq.request.prediction_rejected += drafted - accepted
+        self.spec.rollback(seq.seq_id, seq.n_past)
+
     def _accept(self, seq: Sequence, result: SeqResult, items: list[FrameItem]) -> None:
         """Appends a sequence's sampled tokens, up to a stop token or its length limit."""
         request = seq.request
@@ -415,6 +478,7 @@ class Scheduler:
         finish: str | None = None
         tokens: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if submit.logprobs is not None else None
+        base = seq.n_past - (len(result.tokens) - 1)  # KV after the step's first row (before drafts)
         for index, token in enumerate(result.tokens):
             seq.generated += 1
             self.stats.generated_tokens_total += 1
@@ -426,19 +490,31 @@ class Scheduler:
             seq.tokens.append(token)
             if logprobs is not None and result.logprobs is not None:
                 logprobs.append(result.logprobs[index])
-            if seq.generated >= submit.max_tokens or seq.n_past + len(tokens) >= self.n_ctx_seq:
+            if seq.generated >= submit.max_tokens or base + len(tokens) >= self.n_ctx_seq:
                 finish = FINISH_LENGTH
                 break
         cached_tokens = None  # set on the request's last item
         # On the request's first item, so the router counts it even when a stop string ends it early.
         media_tokens = request.media.report_added() if request.media is not None else None
+        prediction = None
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
                 cached_tokens = request.cached_tokens
+                if submit.prediction is not None:
+                    prediction = (request.prediction_accepted, request.prediction_rejected)
                 self._release(request)
         items.append(
-            FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens, media_tokens)
+            FrameItem(
+                submit.rid,
+                seq.choice,
+                tokens,
+                logprobs or None,
+                finish,
+                cached_tokens,
+                media_tokens,
+                prediction_tokens=prediction,
+            )
         )
 
     def _refresh_stats(self) -> None:
@@ -462,6 +538,13 @@ class Scheduler:
         stats.prefix_cache_hits_total = slots.stats.hits
         stats.prefix_cache_reused_tokens_total = slots.stats.reused_tokens
         stats.prefix_cache_evictions_total = slots.stats.evictions
+        if self.spec is not None:
+            spec = self.spec.counters
+            stats.spec_drafted_tokens_total = dict(spec.drafted)
+            stats.spec_accepted_tokens_total = dict(spec.accepted)
+            stats.spec_drafted_by_position = list(spec.drafted_at)
+            stats.spec_accepted_by_position = list(spec.accepted_at)
+            stats.spec_steps_total = spec.steps
         if self.checkpoints is not None:
             stats.checkpoint_restores_total = self.checkpoints.restores
             stats.checkpoint_bytes = self.checkpoints.bytes
@@ -481,5 +564,7 @@ class Scheduler:
         """Ends every request and waits for pending disk-cache writes."""
         for request in list(self.running.values()):
             self._release(request, keep_kv=False)
+        if self.spec is not None:
+            self.spec.close()
         if self.disk is not None:
             self.disk.close()

@@ -151,6 +151,43 @@ class _WorkerCollector(Collector):
         yield offloaded
         yield layers
         yield from families.values()
+        yield from _speculation_families(self._pools)
+
+
+def _speculation_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[CounterMetricFamily]:
+    """Speculative decoding: drafted / accepted tokens by provider, by draft position, and steps."""
+    drafted = CounterMetricFamily(
+        "llamafleet_spec_drafted_tokens", "Draft tokens verified", labels=["worker", "provider"]
+    )
+    accepted = CounterMetricFamily(
+        "llamafleet_spec_accepted_tokens", "Draft tokens accepted", labels=["worker", "provider"]
+    )
+    drafted_at = CounterMetricFamily(
+        "llamafleet_spec_drafted_by_position",
+        "Draft tokens verified at each draft position (1: the first)",
+        labels=["worker", "position"],
+    )
+    accepted_at = CounterMetricFamily(
+        "llamafleet_spec_accepted_by_position",
+        "Draft tokens accepted at each draft position (1: the first)",
+        labels=["worker", "position"],
+    )
+    steps = CounterMetricFamily(
+        "llamafleet_spec_steps", "Engine steps in which some sequence speculated", labels=["worker"]
+    )
+    for prefix, dispatcher in pools:
+        for worker in dispatcher.workers.values():
+            stats, label = worker.stats, f"{prefix}{worker.index}"
+            for provider, count in stats.spec_drafted_tokens_total.items():
+                drafted.add_metric([label, provider], float(count))
+                taken = stats.spec_accepted_tokens_total.get(provider, 0)
+                accepted.add_metric([label, provider], float(taken))
+            for position, count in enumerate(stats.spec_drafted_by_position, start=1):
+                drafted_at.add_metric([label, str(position)], float(count))
+                taken = stats.spec_accepted_by_position[position - 1]
+                accepted_at.add_metric([label, str(position)], float(taken))
+            steps.add_metric([label], float(stats.spec_steps_total))
+    yield from (drafted, accepted, drafted_at, accepted_at, steps)
 
 
 class Metrics:

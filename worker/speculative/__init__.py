@@ -1,0 +1,1 @@
+"""Speculative decoding: draft providers whose proposals the target verifies inside the shared batch."""

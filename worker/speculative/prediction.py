@@ -1,0 +1,61 @@
+"""OpenAI predicted outputs: a request's `prediction` text (tokenized by the router) is its draft source.
+
+The output is expected to follow the prediction with edits. Each step the generated tokens' last n-gram
+(n from 3 down to 1) is looked up in the prediction, preferring the first occurrence at or after where the
+previous draft came from (so repeated words do not send drafting backwards), and the prediction's next
+tokens are the draft. Accepted and rejected draft tokens are reported in the request's usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.speculative.base import Drafter, DraftSeq
+
+_NGRAM = 3
+
+
+@dataclass(slots=True)
+class _Prediction:
+    tokens: list[int]
+    ends: dict[tuple[int, ...], list[int]]  # n-gram -> its end positions in the prediction, ascending
+    cursor: int = 0  # where the last draft started
+
+
+class PredictionDrafter(Drafter):
+    name = "prediction"
+
+    def __init__(self) -> None:
+        self._seqs: dict[int, _Prediction] = {}
+
+    def draft(self, seqs: list[DraftSeq]) -> list[list[int]]:
+        return [self._draft(seq) for seq in seqs]
+
+    def _draft(self, seq: DraftSeq) -> list[int]:
+        if not seq.prediction:
+            return []
+        state = self._seqs.get(seq.seq_id)
+        if state is None or state.tokens != list(seq.prediction):
+            state = self._seqs[seq.seq_id] = _index(seq.prediction)
+        output = seq.tokens[seq.prompt_len :]
+        for n in range(min(_NGRAM, len(output)), 0, -1):
+            ends = state.ends.get(tuple(output[len(output) - n :]))
+            if not ends:
+                continue
+            end = next((e for e in ends if e + 1 >= state.cursor), ends[-1])
+            state.cursor = end + 1
+            return state.tokens[end + 1 : end + 1 + seq.k]
+        return []
+
+    def release(self, seq_id: int) -> None:
+        self._seqs.pop(seq_id, None)
+
+
+def _index(prediction: Sequence[int]) -> _Prediction:
+    tokens = [int(t) for t in prediction]
+    ends: dict[tuple[int, ...], list[int]] = {}
+    for end in range(len(tokens)):
+        for n in range(1, min(_NGRAM, end + 1) + 1):
+            ends.setdefault(tuple(tokens[end - n + 1 : end + 1]), []).append(end)
+    return _Prediction(tokens, ends)
