@@ -104,7 +104,7 @@ def test_envelope_and_positional_frame_items() -> None:
     version, body = msgpack.unpackb(payload, raw=False)
     assert version == protocol.PROTOCOL_VERSION and body["t"] == "frames"
     # Items (and their logprobs) travel as arrays, not maps: the hot path stays small.
-    assert body["items"][0] == ["a", 0, [5], [[-0.1, [[5, -0.1], [6, -2.0]]]], None, None, None]
+    assert body["items"][0] == ["a", 0, [5], [[-0.1, [[5, -0.1], [6, -2.0]]]], None, None, None, None]
     assert set(body) == {"t", "items"}  # no unread `step`
 
 
