@@ -171,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _write_keys(args.dir, args.workers)
         if args.command == "worker":
+            config = load_config(args.config)
+            if config.workers.simulate is not None:
+                from worker.simulator import run_simulator
+
+                return run_simulator(config, args.index)
             from shared.threads import tune_openmp
 
             tune_openmp()  # before llama_cpp loads libgomp
             from worker.main import run_worker
 
-            return run_worker(load_config(args.config), args.index)
+            return run_worker(config, args.index)
         if args.command == "serve":
             return _serve(args)
         return _run_router(args)

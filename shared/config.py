@@ -243,6 +243,27 @@ class WorkerOverride(BaseModel):
     threads_batch: int | None = None
 
 
+class SimulateOptions(BaseModel):
+    """`workers.simulate`: workers that speak the protocol with no model (worker/simulator.py), to test and
+    benchmark routing, admission and the router's own cost at scale on a machine without a GPU."""
+
+    model_config = _STRICT
+
+    # Time to the first token after a request gets a slot, and between tokens (one engine step).
+    ttft_ms: float = Field(default=50.0, ge=0)
+    itl_ms: float = Field(default=10.0, gt=0)
+    # Sequences a simulated worker runs at once (its n_seq_max); requests beyond wait in its queue.
+    slots: int = Field(default=16, ge=1)
+    # Tokens answered when the request set no max_tokens (the router then asks for the whole context).
+    max_tokens: int = Field(default=128, ge=1)
+    # Fraction of requests that fail (an `error` message, HTTP 500) when their first token is due; seeded.
+    failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    # Benchmark aid: each worker appends "send_ns rid tokens" per frame item to `trace_path`.N
+    # (bench/router_capacity.py measures the latency the router adds with it).
+    trace_path: str | None = None
+
+
 def is_network_endpoint(endpoint: str) -> bool:
     """tcp:// and any other ZeroMQ transport that leaves the host's user accounts (not ipc:// or inproc://)."""
     return not endpoint.startswith(("ipc://", "inproc://"))
@@ -270,6 +291,8 @@ class WorkersOptions(BaseModel):
     # "prefix": send a request to the worker that saw its longest prompt prefix (prefix-cache hits) unless
     # that worker is full; "least_loaded": ignore prefixes.
     routing: Literal["prefix", "least_loaded"] = "prefix"
+    # Simulated workers (no model loaded; the router still tokenizes with the model's vocabulary).
+    simulate: SimulateOptions | None = None
 
     @model_validator(mode="after")
     def _tcp_needs_keys(self) -> WorkersOptions:

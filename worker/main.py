@@ -160,6 +160,9 @@ class WorkerProcess:
         info = protocol.WorkerInfo(**msgspec.structs.asdict(self.engine.info), embed=self.embeddings.info())
         return self.codec.encode(protocol.Ready(worker=self.index, pid=os.getpid(), info=info))
 
+    def _description(self) -> object:
+        return self.engine.info
+
     def _announce_first(self) -> None:
         """Sends `ready` once the DEALER has a router to send to, staying stoppable meanwhile.
 
@@ -172,7 +175,7 @@ class WorkerProcess:
                     self.handshake.check()  # raises when the router refused our key
                 if self.requests.poll(100, zmq.POLLOUT):
                     self.requests.send(ready, zmq.NOBLOCK)
-                    log.info("worker %d ready: %s", self.index, self.engine.info)
+                    log.info("worker %d ready: %s", self.index, self._description())
                     return
         finally:
             if self.handshake is not None:  # its monitor socket would keep zmq.term() waiting
