@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -34,9 +34,15 @@ def openai_object(
     return {"id": object_id, "object": kind, "created": created, "model": model, "choices": choices, **extra}
 
 
+# msgspec's JSON encoder: compact, UTF-8 as is (as json.dumps with ensure_ascii=False), several times faster
+# than the standard library on a chunk (bench/router_capacity.py): it runs once per streamed token.
+_json = msgspec.json.Encoder()
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    if isinstance(data, str):
+        return b"data: " + data.encode() + b"\n\n"
+    return b"data: " + _json.encode(data) + b"\n\n"
 
 
 SSE_DONE = sse("[DONE]")

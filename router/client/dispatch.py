@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -328,9 +328,17 @@ class Dispatcher:
     # -- background tasks -----------------------------------------------------------------------
 
     async def _read_results(self) -> None:
-        assert self._results is not None
+        """One await per burst, not per message: what else arrived meanwhile is read without waiting."""
+        results = self._results
+        assert results is not None
         while True:
-            self.receive(await self._results.recv())
+            self.receive(await results.recv())
+            for _ in range(256):  # then let the handlers run
+                try:  # with NOBLOCK the future is already resolved
+                    payload = cast("asyncio.Future[bytes]", results.recv(zmq.NOBLOCK)).result()
+                except zmq.Again:
+                    break
+                self.receive(payload)
 
     async def _read_hellos(self) -> None:
         """Workers announce `ready` on their DEALER: once it arrives here, the ROUTER can route to them."""

@@ -16,7 +16,7 @@ from router.endpoints.responses_events import _sse
 async def _source(closed: list[str]) -> AsyncGenerator[dict[str, Any], None]:
     try:
         yield {"type": "ok", "n": 1}
-        yield {"type": "bad", "n": {1, 2}}  # json cannot write a set: the framing fails
+        yield {"type": "bad", "n": object()}  # no JSON encoder can write this: the framing fails
         yield {"type": "never"}
     finally:
         closed.append("closed")
