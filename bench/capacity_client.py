@@ -17,11 +17,15 @@ import sys
 import time
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks."""
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5), counted after the comm
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of processes together, in clock ticks."""
+    user = system = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rpartition(")")[2].split()
+        user += int(fields[11])  # fields 14 and 15 of stat(5), counted after the comm
+        system += int(fields[12])
+    return user, system
 
 
 class Connection:
@@ -70,12 +74,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     body = json.dumps(
         {"model": args.model, "prompt": args.prompt, "max_tokens": args.max_tokens, "stream": True}
     ).encode()
+    routers = [int(pid) for pid in args.router_pid.split(",")]
     started = time.monotonic_ns()
     window_start = started + int(args.warmup * 1e9)
     window_end = window_start + int(args.seconds * 1e9)
     events: dict[str, list[int]] = {}
     failures = 0
-    ticks: list[int] = []
+    ticks: list[tuple[int, int]] = []
 
     async def client(index: int) -> None:
         nonlocal failures
@@ -94,9 +99,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     async def sample() -> None:
         await asyncio.sleep(max(0.0, (window_start - time.monotonic_ns()) / 1e9))
-        ticks.append(cpu_ticks(args.router_pid))
+        ticks.append(cpu_ticks(routers))
         await asyncio.sleep(max(0.0, (window_end - time.monotonic_ns()) / 1e9))
-        ticks.append(cpu_ticks(args.router_pid))
+        ticks.append(cpu_ticks(routers))
 
     clients = [asyncio.ensure_future(client(i)) for i in range(args.clients)]
     await sample()
@@ -106,7 +111,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     await asyncio.gather(*clients, return_exceptions=True)
     return {
         "window": [window_start, window_end],
-        "router_ticks": ticks[1] - ticks[0],
+        "router_ticks": sum(ticks[1]) - sum(ticks[0]),
+        "router_system_ticks": ticks[1][1] - ticks[0][1],
         "tick_hz": os.sysconf("SC_CLK_TCK"),
         "failures": failures,
         "events": events,
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--router-pid", type=int, required=True)
+    parser.add_argument("--router-pid", required=True, help="router process ids, comma-separated")
     parser.add_argument("--tag", default="b")
     args = parser.parse_args(argv)
     json.dump(asyncio.run(run(args)), sys.stdout)

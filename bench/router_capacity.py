@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.fixtures.tiny_models import smollm2_gguf_path
-from tests.integration.server import REPO, Server, model_config, run_server
+from tests.integration.server import REPO, Server, child_pids, model_config, run_server
 
 ITL_MS = 10.0
 SLOTS = 16
@@ -105,8 +105,8 @@ class _Client:
 
 
 def _drive(server: Server, workers: int, clients: int, seconds: float, tag: str) -> _Client:
-    router = server.router_pid()
-    assert router is not None
+    routers = child_pids(server.process.pid, "router")
+    assert routers
     port = server.base_url.rsplit(":", 1)[1]
     command = [
         sys.executable,
@@ -123,7 +123,7 @@ def _drive(server: Server, workers: int, clients: int, seconds: float, tag: str)
         "--seconds",
         str(seconds),
         "--router-pid",
-        str(router),
+        ",".join(map(str, routers)),
         "--tag",
         tag,
     ]

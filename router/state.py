@@ -42,14 +42,14 @@ class ServerState:
         self.preparer = Preparer()
 
     @classmethod
-    def build(cls, config: Config) -> ServerState:
+    def build(cls, config: Config, router: int = 0) -> ServerState:
         vocab = Vocab.load(resolve_model_path(config.model))
         source = config.model.chat_template or vocab.chat_template()
         template = None
         if source:
             template = ChatTemplate(source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id))
         metrics = Metrics()
-        dispatcher = Dispatcher(config)
+        dispatcher = Dispatcher(config, router)
         metrics.attach(dispatcher)
         schema = config.model.response_schema
         parser = ResponseSchemaParser(schema) if schema else None

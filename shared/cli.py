@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--port", type=int, help="override server.port")
         if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
             command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+            command.add_argument(
+                "--router-index",
+                type=int,
+                default=0,
+                help="which of server.router_processes this is (0..N-1)",
+            )
     keys = commands.add_parser(
         "keys", help="write ZeroMQ CURVE key pairs for the router and workers (for workers.keys_dir)"
     )
@@ -81,8 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
     from shared import curve
     from shared.ipc import IpcSockets, check_worker_endpoints
 
-    IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir()).check()
-    check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+    endpoints = [endpoint for pair in config.router_endpoints() for endpoint in pair]
+    IpcSockets(endpoints, config.ipc_dir()).check()
+    check_worker_endpoints(endpoints)
     if config.workers.keys_dir:
         curve.load_router_keys(config.workers.keys_dir)
         for index in range(config.workers.count):
@@ -122,7 +130,10 @@ def _run_router(args: argparse.Namespace) -> int:
         if link is not None:
             await link.close()
 
-    app = create_app(config, on_startup=on_startup, on_shutdown=on_shutdown)
+    router_index = args.router_index
+    if not 0 <= router_index < config.server.router_processes:
+        raise ConfigError(f"--router-index {router_index} is outside server.router_processes")
+    app = create_app(config, on_startup=on_startup, on_shutdown=on_shutdown, router=router_index)
 
     def cut_off_stragglers() -> None:
         """The drain timeout ran out: end what is still running with an error (an SSE error event for
@@ -160,8 +171,27 @@ def _run_router(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=drain_seconds + 2.0,  # type: ignore[arg-type]
         )
     )
-    server.run()
+    sockets = None
+    if config.server.router_processes > 1:  # the router processes share the port; the kernel spreads
+        try:  # connections over them
+            sockets = [_shared_listener(config.server.host, config.server.port)]
+        except OSError as error:
+            log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, error)
+            return ROUTER_START_FAILED
+    server.run(sockets=sockets)
     return 0 if server.started else ROUTER_START_FAILED
+
+
+def _shared_listener(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so that every router process can bind the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,9 @@ class ServerOptions(BaseModel):
     # Disables WS /v1/responses (clients then get 426 and fall back to HTTP).
     responses_websocket: bool = True
     cors_origins: list[str] = Field(default_factory=list)
+    # Router processes sharing the port (SO_REUSEPORT), each with its own worker sockets; every worker
+    # connects to all of them. More than one needs ipc:// worker endpoints (router N's carry `-rN`).
+    router_processes: int = Field(default=1, ge=1, le=64)
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -348,11 +351,38 @@ class Config(BaseSettings):
         endpoints = (self.requests_endpoint(), self.results_endpoint())
         return [endpoint for endpoint in endpoints if is_network_endpoint(endpoint)]
 
-    def requests_endpoint(self) -> str:
-        return self.workers.requests_endpoint or f"ipc://{self.ipc_dir() / 'requests.sock'}"
+    def requests_endpoint(self, router: int = 0) -> str:
+        return _for_router(
+            self.workers.requests_endpoint or f"ipc://{self.ipc_dir() / 'requests.sock'}", router
+        )
 
-    def results_endpoint(self) -> str:
-        return self.workers.results_endpoint or f"ipc://{self.ipc_dir() / 'results.sock'}"
+    def results_endpoint(self, router: int = 0) -> str:
+        return _for_router(
+            self.workers.results_endpoint or f"ipc://{self.ipc_dir() / 'results.sock'}", router
+        )
+
+    def router_endpoints(self) -> list[tuple[str, str]]:
+        """(requests, results) endpoints of every router process, in router order: workers connect to all."""
+        return [
+            (self.requests_endpoint(r), self.results_endpoint(r)) for r in range(self.server.router_processes)
+        ]
+
+    @model_validator(mode="after")
+    def _routers_need_ipc(self) -> Config:
+        if self.server.router_processes > 1:
+            for name in ("requests_endpoint", "results_endpoint"):
+                endpoint = getattr(self.workers, name)
+                if endpoint and not endpoint.startswith("ipc://"):
+                    raise ValueError(
+                        "server.router_processes > 1 needs ipc:// worker endpoints "
+                        f"(workers.{name} is {endpoint})"
+                    )
+        return self
+
+
+def _for_router(endpoint: str, router: int) -> str:
+    """Router 0 binds the configured endpoint; router N an ipc path with `-rN` appended."""
+    return endpoint if router == 0 else f"{endpoint}-r{router}"
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -95,8 +95,8 @@ class SimulatedWorker(WorkerProcess):
             self.heartbeat.stop()
             if self._trace is not None:
                 self._trace.close()
-            self.requests.close()
-            self.results.close()
+            for sock in (*self.dealers, *self.pushes):
+                sock.close()
             self.zmq.term()
 
     def _ready_message(self) -> bytes:
@@ -104,7 +104,8 @@ class SimulatedWorker(WorkerProcess):
 
     def _simulate(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.requests, zmq.POLLIN)
+        for dealer in self.dealers:
+            poller.register(dealer, zmq.POLLIN)
         sim = self.sim
         while True:
             if self.stopping and sim.idle:
@@ -128,8 +129,11 @@ class SimulatedWorker(WorkerProcess):
             for error in result.errors:
                 self.send(error)
 
+    def _held_requests(self) -> list[str]:
+        return self.sim.request_ids()
+
     def _hello(self, live: set[str]) -> None:
-        dropped = [rid for rid in self.sim.request_ids() if rid not in live]
+        dropped = [rid for rid in self.sim.request_ids() if rid not in live and self._owned_here(rid)]
         for rid in dropped:
             self.sim.cancel(rid)
         if dropped:
@@ -137,7 +141,7 @@ class SimulatedWorker(WorkerProcess):
                 "worker %d dropped %d requests the router no longer waits for", self.index, len(dropped)
             )
         with contextlib.suppress(zmq.Again):
-            self.requests.send(self._ready_message(), zmq.NOBLOCK)
+            self.dealers[self._source].send(self._ready_message(), zmq.NOBLOCK)
 
     def _handle(self, message: protocol.RouterMessage) -> None:
         if isinstance(message, protocol.SubmitRequest):

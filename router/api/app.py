@@ -39,8 +39,9 @@ def create_app(
     config: Config,
     on_startup: LifecycleHook | None = None,
     on_shutdown: LifecycleHook | None = None,
+    router: int = 0,
 ) -> FastAPI:
-    state = ServerState.build(config)
+    state = ServerState.build(config, router)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -170,8 +170,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Which of `server.router_processes` answered this scrape (each router process has its own metrics).
+        self.router = Gauge(
+            "llamafleet_router_process",
+            "1, labelled with this router process's index (server.router_processes)",
+            ["router"],
+            registry=self.registry,
+        )
+
     def attach(self, dispatcher: Dispatcher) -> None:
         self.registry.register(_WorkerCollector(dispatcher))
+        self.router.labels(str(dispatcher.router_index)).set(1)
 
 
 def route_label(request: Request) -> str:
