@@ -52,6 +52,7 @@ class SimulatedWorker(WorkerProcess):
         self.options: SimulateOptions = config.workers.simulate
         super().__init__(config, index)
         self._trace: IO[str] | None = None
+        self._flushed = 0
 
     def _load(self) -> None:
         path = resolve_model_path(self.config.model)
@@ -125,6 +126,9 @@ class SimulatedWorker(WorkerProcess):
                     sent = time.monotonic_ns()
                     for item in result.items:
                         self._trace.write(f"{sent} {item.rid} {len(item.token_ids)}\n")
+                    if sent - self._flushed > 500_000_000:  # a killed simulator loses half a second at most
+                        self._trace.flush()
+                        self._flushed = sent
                 self.send(protocol.Frames(result.items))
             for error in result.errors:
                 self.send(error)
