@@ -80,6 +80,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     window_end = window_start + int(args.seconds * 1e9)
     events: dict[str, list[int]] = {}
     failures = 0
+    statuses: dict[int, int] = {}
     ticks: list[tuple[int, int]] = []
 
     async def client(index: int) -> None:
@@ -91,8 +92,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 prefix = f"{args.tag}c{index}q{sequence}"
                 sequence += 1
                 times = events.setdefault(prefix, [])
-                if await connection.request(body, prefix, times) != 200:
+                status = await connection.request(body, prefix, times)
+                if status != 200:
                     failures += 1
+                    statuses[status] = statuses.get(status, 0) + 1
         finally:
             if connection.writer is not None:
                 connection.writer.close()
@@ -115,6 +118,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "router_system_ticks": ticks[1][1] - ticks[0][1],
         "tick_hz": os.sysconf("SC_CLK_TCK"),
         "failures": failures,
+        "failed_statuses": statuses,
         "events": events,
     }
 

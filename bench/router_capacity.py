@@ -30,6 +30,22 @@ the simulators, the client and other work; 4 s windows):
     |  16 |  1024 | 18142 | 0.71 | 26.7 | 0.48 | 1324.33 | 2759.22 |
 
 (At 16 workers the two cores run out: the router gets about half a core.)
+
+BEFORE / AFTER interleaved in one session (load average 13-15 on the 2 cores from other work, so the router
+got a quarter of a core; BEFORE is commit 689754d run with uvicorn's asyncio loop and h11, AFTER this
+branch: msgspec chunks with the envelope encoded once per stream, histogram children looked up once,
+frames read in bursts, gc.freeze after start-up, uvloop + httptools):
+
+    | workers | clients | BEFORE tok/s | us/token | p50 / p99 ms   | AFTER tok/s | us/token | p50 / p99 ms  |
+    |   1 |    64 |  1410 | 67.4 |   5.1 /  706 |  1577 | 38.0 |   1.0 /   11 |
+    |   1 |   256 |  1564 | 52.8 |   8.5 /  533 |  1540 | 47.1 |   1.7 /   13 |
+    |   1 |  1024 |    85 |   -- | (1024 failed; a rerun: none) |  1743 | 64.5 | 5.3 / 903 |
+    |   4 |    64 |  5705 | 45.1 |  16.2 /   95 |  5765 | 38.6 |  11.9 /   91 |
+    |   4 |   256 |  5486 | 46.0 |  22.1 /  116 |  6270 | 31.1 |   7.2 /   94 |
+    |   4 |  1024 |  6138 | 44.8 |   473 / 1159 |  6634 | 41.5 |  18.9 /  876 |
+    |  16 |    64 |  4288 | 42.6 |   137 /  600 |  5782 | 43.7 |  11.4 /   61 |
+    |  16 |   256 |  9160 | 30.0 |   589 / 1539 | 13178 | 25.4 |   144 /  472 |
+    |  16 |  1024 |  5182 | 44.9 |  1786 / 2848 | 13458 | 18.0 |  2219 / 2741 |
 """
 
 from __future__ import annotations
