@@ -25,7 +25,21 @@ ROUTERS = 2
 def server(tiny_llama_gguf: Path) -> Iterator[Server]:
     model = model_config(tiny_llama_gguf)
     with run_server(model, server={"router_processes": ROUTERS}, workers={"count": 2}) as handle:
+        wait_all_routers_ready(handle)
         yield handle
+
+
+def wait_all_routers_ready(server: Server, timeout: float = 30.0) -> None:
+    """/healthz answered by one router says nothing of the other: each must see both workers up (a router
+    that bound its sockets after a worker's first `ready` gets it after its `hello`)."""
+    deadline = time.monotonic() + timeout
+    up: dict[str, float] = {}
+    while len(up) < ROUTERS or any(count < 2 for count in up.values()):
+        assert time.monotonic() < deadline, f"workers up per router: {up}"
+        samples = Server.metrics(server)
+        index = next(k for k in samples if k.startswith("llamafleet_router_process{")).split('"')[1]
+        up[index] = sum(v for k, v in samples.items() if k.startswith("llamafleet_worker_up{"))
+        time.sleep(0.05)
 
 
 def routers(server: Server) -> list[int]:
@@ -81,6 +95,7 @@ def test_a_killed_router_process_is_restarted(server: Server) -> None:
         completion(server)  # the other router keeps serving meanwhile
         time.sleep(0.2)
     # The new router re-joined the workers (hello / ready) and serves too.
+    wait_all_routers_ready(server)
     deadline = time.monotonic() + 30
     while len(served_by_router(server)) < ROUTERS or not all(served_by_router(server).values()):
         assert time.monotonic() < deadline, "the restarted router never served"
