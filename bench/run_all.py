@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bench import embeddings, media, mtp, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import (
+    embeddings,
+    media,
+    mtp,
+    prefix,
+    router_capacity,
+    serving,
+    step_overhead,
+    vs_llama_server,
+    wire,
+)
 
 
 def main() -> None:
@@ -14,6 +24,8 @@ def main() -> None:
     step_overhead.main([])
     print("\n== wire format: frames messages ==")
     wire.main([])
+    print("\n== router capacity on simulated workers ==")
+    router_capacity.main([])
     print("\n== embeddings ==")
     embeddings.main([])
     print("\n== image input: embedding cache and prefix cache ==")

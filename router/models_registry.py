@@ -23,7 +23,8 @@ class ModelRegistry:
         self._by_name = {state.model_name: state for state in states}
 
     @classmethod
-    def build(cls, config: Config) -> ModelRegistry:
+    def build(cls, config: Config, router: int = 0) -> ModelRegistry:
+        """The states of every pool as router process `router` (server.router_processes) sees them."""
         metrics = Metrics()
         pools = config.pools()
         states = []
@@ -31,7 +32,7 @@ class ModelRegistry:
             for pool in pools:
                 # Worker labels in /metrics: "N" for one model (as always), "ALIAS/N" for several.
                 label = f"{pool.model.served_name}/" if len(pools) > 1 else ""
-                states.append(ServerState.build(pool, metrics, label))
+                states.append(ServerState.build(pool, metrics, label, router))
         except BaseException:
             for state in states:
                 state.vocab.close()

@@ -42,16 +42,18 @@ class ServerState:
         self.preparer = Preparer()
 
     @classmethod
-    def build(cls, config: Config, metrics: Metrics | None = None, worker_label: str = "") -> ServerState:
-        """The state of one model's pool (`config` is one of `Config.pools()`); pools share `metrics`, and
-        this pool's workers are labelled `worker_label + index` there."""
+    def build(
+        cls, config: Config, metrics: Metrics | None = None, worker_label: str = "", router: int = 0
+    ) -> ServerState:
+        """The state of one model's pool (`config` is one of `Config.pools()`) in router process `router`;
+        pools share `metrics`, and this pool's workers are labelled `worker_label + index` there."""
         vocab = Vocab.load(resolve_model_path(config.model))
         source = config.model.chat_template or vocab.chat_template()
         template = None
         if source:
             template = ChatTemplate(source, vocab.token_text(vocab.bos_id), vocab.token_text(vocab.eos_id))
         metrics = metrics or Metrics()
-        dispatcher = Dispatcher(config)
+        dispatcher = Dispatcher(config, router)
         metrics.attach(dispatcher, worker_label)
         schema = config.model.response_schema
         parser = ResponseSchemaParser(schema) if schema else None

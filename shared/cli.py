@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--port", type=int, help="override server.port")
         if name == "router":  # set by `serve`: the router's end of the supervisor's socket pair
             command.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+            command.add_argument(
+                "--router-index",
+                type=int,
+                default=0,
+                help="which of server.router_processes this is (0..N-1)",
+            )
     check = commands.add_parser(
         "check", help="validate a config without loading a model; print the resolved settings as JSON"
     )
@@ -98,8 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
     from shared.ipc import IpcSockets, check_worker_endpoints
 
     for pool in config.pools():
-        IpcSockets([pool.requests_endpoint(), pool.results_endpoint()], pool.ipc_dir()).check()
-        check_worker_endpoints([pool.requests_endpoint(), pool.results_endpoint()])
+        endpoints = [endpoint for pair in pool.router_endpoints() for endpoint in pair]
+        IpcSockets(endpoints, pool.ipc_dir()).check()
+        check_worker_endpoints(endpoints)
         if pool.workers.keys_dir:
             curve.load_router_keys(pool.workers.keys_dir)
             for index in range(pool.workers.count):
@@ -155,7 +162,10 @@ def _run_router(args: argparse.Namespace) -> int:
         if link is not None:
             await link.close()
 
-    app = create_app(config, on_startup=on_startup, on_shutdown=on_shutdown)
+    router_index = args.router_index
+    if not 0 <= router_index < config.server.router_processes:
+        raise ConfigError(f"--router-index {router_index} is outside server.router_processes")
+    app = create_app(config, on_startup=on_startup, on_shutdown=on_shutdown, router=router_index)
 
     def cut_off_stragglers() -> None:
         """The drain timeout ran out: end what is still running with an error (an SSE error event for
@@ -207,8 +217,27 @@ def _run_router(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=drain_seconds + 2.0,  # type: ignore[arg-type]
         )
     )
-    server.run()
+    sockets = None
+    if config.server.router_processes > 1:  # the router processes share the port; the kernel spreads
+        try:  # connections over them
+            sockets = [_shared_listener(config.server.host, config.server.port)]
+        except OSError as error:
+            log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, error)
+            return ROUTER_START_FAILED
+    server.run(sockets=sockets)
     return 0 if server.started else ROUTER_START_FAILED
+
+
+def _shared_listener(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so that every router process can bind the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,12 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys":
             return _write_keys(args.dir, args.workers)
         if args.command == "worker":
+            config = load_config(args.config).pool(args.model)
+            if config.workers.simulate is not None:
+                from worker.simulator import run_simulator
+
+                return run_simulator(config, args.index)
             from shared.threads import tune_openmp
 
             tune_openmp()  # before llama_cpp loads libgomp
             from worker.main import run_worker
 
-            return run_worker(load_config(args.config).pool(args.model), args.index)
+            return run_worker(config, args.index)
         if args.command == "serve":
             return _serve(args)
         if args.command == "check":

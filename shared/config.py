@@ -56,6 +56,9 @@ class ServerOptions(BaseModel):
     # Disables WS /v1/responses (clients then get 426 and fall back to HTTP).
     responses_websocket: bool = True
     cors_origins: list[str] = Field(default_factory=list)
+    # Router processes sharing the port (SO_REUSEPORT), each with its own worker sockets; every worker
+    # connects to all of them. More than one needs ipc:// worker endpoints (router N's carry `-rN`).
+    router_processes: int = Field(default=1, ge=1, le=64)
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -282,6 +285,27 @@ class WorkerOverride(BaseModel):
     threads_batch: int | None = None
 
 
+class SimulateOptions(BaseModel):
+    """`workers.simulate`: workers that speak the protocol with no model (worker/simulator.py), to test and
+    benchmark routing, admission and the router's own cost at scale on a machine without a GPU."""
+
+    model_config = _STRICT
+
+    # Time to the first token after a request gets a slot, and between tokens (one engine step).
+    ttft_ms: float = Field(default=50.0, ge=0)
+    itl_ms: float = Field(default=10.0, gt=0)
+    # Sequences a simulated worker runs at once (its n_seq_max); requests beyond wait in its queue.
+    slots: int = Field(default=16, ge=1)
+    # Tokens answered when the request set no max_tokens (the router then asks for the whole context).
+    max_tokens: int = Field(default=128, ge=1)
+    # Fraction of requests that fail (an `error` message, HTTP 500) when their first token is due; seeded.
+    failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = 0
+    # Benchmark aid: each worker appends "send_ns rid tokens" per frame item to `trace_path`.N
+    # (bench/router_capacity.py measures the latency the router adds with it).
+    trace_path: str | None = None
+
+
 def is_network_endpoint(endpoint: str) -> bool:
     """tcp:// and any other ZeroMQ transport that leaves the host's user accounts (not ipc:// or inproc://)."""
     return not endpoint.startswith(("ipc://", "inproc://"))
@@ -309,6 +333,8 @@ class WorkersOptions(BaseModel):
     # "prefix": send a request to the worker that saw its longest prompt prefix (prefix-cache hits) unless
     # that worker is full; "least_loaded": ignore prefixes.
     routing: Literal["prefix", "least_loaded"] = "prefix"
+    # Simulated workers (no model loaded; the router still tokenizes with the model's vocabulary).
+    simulate: SimulateOptions | None = None
 
     @model_validator(mode="after")
     def _tcp_needs_keys(self) -> WorkersOptions:
@@ -437,17 +463,44 @@ class Config(BaseSettings):
         endpoints = (self.requests_endpoint(), self.results_endpoint())
         return [endpoint for endpoint in endpoints if is_network_endpoint(endpoint)]
 
-    def requests_endpoint(self) -> str:
-        return (
+    def requests_endpoint(self, router: int = 0) -> str:
+        return _for_router(
             self.workers.requests_endpoint
-            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'requests.sock')}"
+            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'requests.sock')}",
+            router,
         )
 
-    def results_endpoint(self) -> str:
-        return (
+    def results_endpoint(self, router: int = 0) -> str:
+        return _for_router(
             self.workers.results_endpoint
-            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'results.sock')}"
+            or f"ipc://{self.ipc_dir() / (self._socket_prefix + 'results.sock')}",
+            router,
         )
+
+    def router_endpoints(self) -> list[tuple[str, str]]:
+        """(requests, results) endpoints of every router process for this pool, in router order: the
+        pool's workers connect to all."""
+        return [
+            (self.requests_endpoint(r), self.results_endpoint(r)) for r in range(self.server.router_processes)
+        ]
+
+    @model_validator(mode="after")
+    def _routers_need_ipc(self) -> Config:
+        if self.server.router_processes > 1:
+            for pool in self.pools():
+                for name in ("requests_endpoint", "results_endpoint"):
+                    endpoint = getattr(pool.workers, name)
+                    if endpoint and not endpoint.startswith("ipc://"):
+                        raise ValueError(
+                            "server.router_processes > 1 needs ipc:// worker endpoints "
+                            f"(workers.{name} is {endpoint})"
+                        )
+        return self
+
+
+def _for_router(endpoint: str, router: int) -> str:
+    """Router 0 binds the configured endpoint; router N an ipc path with `-rN` appended."""
+    return endpoint if router == 0 else f"{endpoint}-r{router}"
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

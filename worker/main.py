@@ -47,18 +47,21 @@ class Heartbeat(threading.Thread):
     def __init__(
         self,
         context: zmq.Context[Any],
-        endpoint: str,
+        endpoints: list[str],
         index: int,
         interval: float,
         counters: Callable[[], protocol.WorkerStats],
         keys: curve.WorkerKeys | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self._socket = context.socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 10)
-        curve.secure_client(self._socket, keys)
-        self._socket.connect(endpoint)
+        self._sockets = []  # one per router process: each hears every beat
+        for endpoint in endpoints:
+            sock = context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10)
+            curve.secure_client(sock, keys)
+            sock.connect(endpoint)
+            self._sockets.append(sock)
         self._index = index
         self._interval = interval
         self._stop_event = threading.Event()
@@ -68,9 +71,12 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self._interval):
             beat = protocol.Stats(worker=self._index, pid=os.getpid(), counters=self._counters())
-            with contextlib.suppress(zmq.Again):  # the router is gone or slow: skip this beat
-                self._socket.send(self._codec.encode(beat), zmq.NOBLOCK)
-        self._socket.close()
+            payload = self._codec.encode(beat)
+            for sock in self._sockets:
+                with contextlib.suppress(zmq.Again):  # the router is gone or slow: skip this beat
+                    sock.send(payload, zmq.NOBLOCK)
+        for sock in self._sockets:
+            sock.close()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -86,17 +92,33 @@ class WorkerProcess:
         gpu.check_offload(config.model, config.workers.override_for(index), f"worker {index}")
         # CURVE keys (a config error if missing) and a private ipc folder, before any socket exists.
         keys = curve.load_worker_keys(config.workers.keys_dir, index) if config.workers.keys_dir else None
-        check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+        routers = config.router_endpoints()
+        check_worker_endpoints([endpoint for pair in routers for endpoint in pair])
         for endpoint in config.insecure_network_endpoints():
             log.warning("workers.insecure_tcp: %s is neither authenticated nor encrypted", endpoint)
         self.zmq = zmq.Context()
-        self.requests = self.zmq.socket(zmq.DEALER)
-        self.requests.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
-        self.requests.setsockopt(zmq.LINGER, 0)
-        # Queue nothing to a connection that is not up yet (with CURVE: whose handshake has not passed), so
-        # `ready` waits for a router that accepted us, and a refused key is seen before `ready` is sent.
-        self.requests.setsockopt(zmq.IMMEDIATE, 1)
-        curve.secure_client(self.requests, keys)
+        # One DEALER (requests in, `ready` out) and one PUSH (results out) per router process
+        # (`server.router_processes`); a request's results go back to the router it came from.
+        self.dealers: list[zmq.Socket[bytes]] = []
+        self.pushes: list[zmq.Socket[bytes]] = []
+        self.owner: dict[str, int] = {}  # request id -> router index, with several routers
+        self._source = 0  # the router whose message is being handled
+        for _ in routers:
+            dealer = self.zmq.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.ROUTING_ID, protocol.worker_identity(index))
+            dealer.setsockopt(zmq.LINGER, 0)
+            # Queue nothing to a connection that is not up yet (with CURVE: whose handshake has not
+            # passed), so `ready` waits for a router that accepted us, and a refused key is seen before
+            # `ready` is sent.
+            dealer.setsockopt(zmq.IMMEDIATE, 1)
+            curve.secure_client(dealer, keys)
+            self.dealers.append(dealer)
+            push = self.zmq.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 2000)
+            curve.secure_client(push, keys)
+            self.pushes.append(push)
+        self.requests = self.dealers[0]
+        self.results = self.pushes[0]
         self.handshake = None
         if keys is not None and config.workers.keys_dir:
             self.handshake = curve.HandshakeWatch(
@@ -105,14 +127,14 @@ class WorkerProcess:
                 config.workers.keys_dir,
                 curve.worker_key_name(index),
             )
-        self.requests.connect(config.requests_endpoint())
-        self.results = self.zmq.socket(zmq.PUSH)
-        self.results.setsockopt(zmq.LINGER, 2000)
-        curve.secure_client(self.results, keys)
-        self.results.connect(config.results_endpoint())
+        for (requests_endpoint, results_endpoint), dealer, push in zip(
+            routers, self.dealers, self.pushes, strict=True
+        ):
+            dealer.connect(requests_endpoint)
+            push.connect(results_endpoint)
         self.heartbeat = Heartbeat(
             self.zmq,
-            config.results_endpoint(),
+            [results for _, results in routers],
             index,
             config.workers.heartbeat_interval_seconds,
             lambda: self.scheduler.stats,
@@ -120,7 +142,29 @@ class WorkerProcess:
         )
 
     def send(self, message: protocol.WorkerMessage) -> None:
-        self.results.send(self.codec.encode(message))
+        if len(self.pushes) == 1:
+            self.results.send(self.codec.encode(message))
+        elif isinstance(message, protocol.Frames):  # split by the router each request came from
+            groups: dict[int, list[protocol.FrameItem]] = {}
+            for item in message.items:
+                groups.setdefault(self.owner.get(item.rid, 0), []).append(item)
+            for router, items in groups.items():
+                self.pushes[router].send(self.codec.encode(protocol.Frames(items)))
+        else:
+            rid = getattr(message, "rid", "")
+            self.pushes[self.owner.get(rid, 0)].send(self.codec.encode(message))
+
+    def _note_owner(self, message: protocol.RouterMessage) -> None:
+        """With several routers: remember where a request came from (pruned of finished ones now and then)."""
+        if len(self.dealers) == 1 or not isinstance(message, (protocol.SubmitRequest, protocol.EmbedRequest)):
+            return
+        if len(self.owner) >= 4096:
+            held = set(self._held_requests())
+            self.owner = {rid: r for rid, r in self.owner.items() if rid in held}
+        self.owner[message.rid] = self._source
+
+    def _held_requests(self) -> list[str]:
+        return self.scheduler.request_ids() + self.embeddings.request_ids()
 
     def _warn_unsupported(self) -> None:
         """Seed config sections this version reads but does not act on yet: say so instead of ignoring."""
@@ -164,14 +208,17 @@ class WorkerProcess:
             if self.media is not None:
                 self.media.close()
             self.engine.close()
-            self.requests.close()
-            self.results.close()
+            for sock in (*self.dealers, *self.pushes):
+                sock.close()
             self.zmq.term()
 
     def _ready_message(self) -> bytes:
         """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
         info = protocol.WorkerInfo(**msgspec.structs.asdict(self.engine.info), embed=self.embeddings.info())
         return self.codec.encode(protocol.Ready(worker=self.index, pid=os.getpid(), info=info))
+
+    def _description(self) -> object:
+        return self.engine.info
 
     def _announce_first(self) -> None:
         """Sends `ready` once the DEALER has a router to send to, staying stoppable meanwhile.
@@ -185,7 +232,10 @@ class WorkerProcess:
                     self.handshake.check()  # raises when the router refused our key
                 if self.requests.poll(100, zmq.POLLOUT):
                     self.requests.send(ready, zmq.NOBLOCK)
-                    log.info("worker %d ready: %s", self.index, self.engine.info)
+                    for other in self.dealers[1:]:  # routers not up yet ask with `hello` later
+                        with contextlib.suppress(zmq.Again):
+                            other.send(ready, zmq.NOBLOCK)
+                    log.info("worker %d ready: %s", self.index, self._description())
                     return
         finally:
             if self.handshake is not None:  # its monitor socket would keep zmq.term() waiting
@@ -194,8 +244,7 @@ class WorkerProcess:
 
     def _hello(self, live: set[str]) -> None:
         """A router (re)started, or gave up on this worker for a while: drop what nobody waits for."""
-        dropped = [rid for rid in self.scheduler.request_ids() if rid not in live]
-        dropped += [rid for rid in self.embeddings.request_ids() if rid not in live]
+        dropped = [rid for rid in self._held_requests() if rid not in live and self._owned_here(rid)]
         for rid in dropped:
             if not self.scheduler.cancel(rid):
                 self.embeddings.cancel(rid)
@@ -204,11 +253,16 @@ class WorkerProcess:
                 "worker %d dropped %d requests the router no longer waits for", self.index, len(dropped)
             )
         with contextlib.suppress(zmq.Again):  # the router that asked is gone again: its successor asks
-            self.requests.send(self._ready_message(), zmq.NOBLOCK)
+            self.dealers[self._source].send(self._ready_message(), zmq.NOBLOCK)
+
+    def _owned_here(self, rid: str) -> bool:
+        """Whether request `rid` came from the router whose message is being handled."""
+        return self.owner.get(rid, 0) == self._source
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.requests, zmq.POLLIN)
+        for dealer in self.dealers:
+            poller.register(dealer, zmq.POLLIN)
         while True:
             if self.scheduler.idle and not self.embeddings.pending:
                 if self.stopping:
@@ -224,9 +278,15 @@ class WorkerProcess:
                 self.send(error)
 
     def _drain(self) -> None:
+        for router, dealer in enumerate(self.dealers):
+            self._source = router
+            self._drain_one(dealer)
+        self._source = 0
+
+    def _drain_one(self, dealer: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                payload = self.requests.recv(zmq.NOBLOCK)
+                payload = dealer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -235,6 +295,7 @@ class WorkerProcess:
                 log.error("dropping a bad message: %s", error)
                 continue
             try:
+                self._note_owner(message)
                 self._handle(message)
             except Exception:  # a bug must not end the worker (every field is typed by now)
                 log.exception("dropping a message that could not be handled: %.200r", message)

@@ -233,12 +233,21 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Which of `server.router_processes` answered this scrape (each router process has its own metrics).
+        self.router = Gauge(
+            "llamafleet_router_process",
+            "1, labelled with this router process's index (server.router_processes)",
+            ["router"],
+            registry=self.registry,
+        )
+
     def attach(self, dispatcher: Dispatcher, label: str = "") -> None:
         """Adds a pool's workers to /metrics, labelled `worker="<label><index>"`."""
         if self._workers is None:
             self._workers = _WorkerCollector()
             self.registry.register(self._workers)
         self._workers.add(dispatcher, label)
+        self.router.labels(str(dispatcher.router_index)).set(1)
 
 
 def route_label(request: Request) -> str:

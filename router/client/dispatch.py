@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -67,9 +67,14 @@ class WorkerState:
     last_seen: float = 0.0
     stats: WorkerStats = field(default_factory=WorkerStats)  # from its last heartbeat
     in_flight: set[str] = field(default_factory=set)
+    # Several router processes share this worker: its heartbeats' counts (every router's requests, a
+    # heartbeat old) count as well as this router's own requests.
+    shared: bool = False
 
     @property
     def load(self) -> int:
+        if self.shared:
+            return max(len(self.in_flight), self.stats.running_requests + self.stats.queued_requests)
         return len(self.in_flight)
 
     @property
@@ -99,8 +104,12 @@ class Pending:
 class Dispatcher:
     """Owns the sockets and the table of in-flight requests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, router: int = 0) -> None:
         self.config = config
+        # Router process `router` of `server.router_processes` binds its own worker sockets; with several,
+        # workers also report their load to every router, which counts it (see WorkerState.shared).
+        self.router_index = router
+        self.shared_workers = config.server.router_processes > 1
         self.workers: dict[int, WorkerState] = {}
         self.pending: dict[str, Pending] = {}
         self._ids = itertools.count()
@@ -118,7 +127,9 @@ class Dispatcher:
         # Loaded here, so a missing or unsafe key file is a config error before anything starts.
         self._keys = curve.load_router_keys(config.workers.keys_dir) if config.workers.keys_dir else None
         self._authenticator: ThreadAuthenticator | None = None
-        self._ipc = IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir())
+        self._ipc = IpcSockets(
+            [config.requests_endpoint(router), config.results_endpoint(router)], config.ipc_dir()
+        )
         self._ipc.check()
 
     def _secure_sockets(self) -> None:
@@ -140,9 +151,9 @@ class Dispatcher:
         self._requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted worker reconnects with its old routing id: hand the id over to the new peer.
         self._requests.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._requests.bind(self.config.requests_endpoint())
+        self._requests.bind(self.config.requests_endpoint(self.router_index))
         self._results.setsockopt(zmq.LINGER, 0)
-        self._results.bind(self.config.results_endpoint())
+        self._results.bind(self.config.results_endpoint(self.router_index))
         self._ipc.secure()
         self._tasks = [
             asyncio.create_task(self._read_results(), name="dispatch-reader"),
@@ -231,9 +242,13 @@ class Dispatcher:
         """Sequences of the requests in flight (a request with `n` choices holds `n`)."""
         total = 0
         for worker in self.workers.values():
+            mine = 0
             for rid in worker.in_flight:
                 pending = self.pending.get(rid)
-                total += pending.sequences if pending is not None else 1
+                mine += pending.sequences if pending is not None else 1
+            if worker.shared and worker.up:  # every router's sequences, as of the last heartbeat
+                mine = max(mine, worker.stats.running_sequences + worker.stats.queued_requests)
+            total += mine
         return total
 
     # -- requests -------------------------------------------------------------------------------
@@ -328,9 +343,17 @@ class Dispatcher:
     # -- background tasks -----------------------------------------------------------------------
 
     async def _read_results(self) -> None:
-        assert self._results is not None
+        """One await per burst, not per message: what else arrived meanwhile is read without waiting."""
+        results = self._results
+        assert results is not None
         while True:
-            self.receive(await self._results.recv())
+            self.receive(await results.recv())
+            for _ in range(256):  # then let the handlers run
+                try:  # with NOBLOCK the future is already resolved
+                    payload = cast("asyncio.Future[bytes]", results.recv(zmq.NOBLOCK)).result()
+                except zmq.Again:
+                    break
+                self.receive(payload)
 
     async def _read_hellos(self) -> None:
         """Workers announce `ready` on their DEALER: once it arrives here, the ROUTER can route to them."""
@@ -370,7 +393,9 @@ class Dispatcher:
             if pending is not None:
                 pending.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
             return
-        worker = self.workers.setdefault(message.worker, WorkerState(message.worker))
+        worker = self.workers.setdefault(
+            message.worker, WorkerState(message.worker, shared=self.shared_workers)
+        )
         worker.last_seen = time.monotonic()
         if isinstance(message, Ready):
             if not (worker.up and worker.pid == message.pid):

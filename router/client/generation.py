@@ -106,6 +106,8 @@ class Generation:
                     IncrementalDetokenizer(self.vocab, self.render_special),
                     StopMatcher(self.stops),
                 )
+        ttft = self.metrics.ttft.labels(self.endpoint)  # looked up once, observed per token
+        itl = self.metrics.itl.labels(self.endpoint)
         open_requests = {s.rid: s.n for s in self.submits}
         by_rid = {s.rid: s for s in self._pending}
         try:
@@ -121,9 +123,9 @@ class Generation:
                 now = time.monotonic()
                 if item.token_ids:
                     if last_token_at is None:
-                        self.metrics.ttft.labels(self.endpoint).observe(now - started)
+                        ttft.observe(now - started)
                     else:
-                        self.metrics.itl.labels(self.endpoint).observe(now - last_token_at)
+                        itl.observe(now - last_token_at)
                     last_token_at = now
                 delta = self._delta(choice, item)
                 if item.cached_tokens is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from router.api.sse import EventStream, openai_object, run_unless_disconnected, sse_with_errors
+from router.api.sse import ChunkFrame, EventStream, openai_object, run_unless_disconnected, sse_with_errors
 from router.client.generation import ChoiceDelta, Generation
 from router.endpoints.chat_format import chat_deltas, chat_message
 from router.openai.requests import ChatCompletionRequest
@@ -122,13 +122,11 @@ async def _stream(
     outputs: list[ChoiceOutput],
     completion_id: str,
     created: int,
-) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        extra = {"usage": None} if body.include_usage else {}
-        return openai_object(
-            "chat.completion.chunk", completion_id, created, state.model_name, [choice], **extra
-        )
+) -> AsyncIterator[dict[str, Any] | bytes]:
+    frame = ChunkFrame("chat.completion.chunk", completion_id, created, state.model_name, body.include_usage)
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> bytes:
+        return frame.event({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None, None)

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from router.api.errors import APIError
-from router.api.sse import EventStream, openai_object, run_unless_disconnected, sse_with_errors
+from router.api.sse import ChunkFrame, EventStream, openai_object, run_unless_disconnected, sse_with_errors
 from router.client.generation import ChoiceDelta, Generation
 from router.openai.requests import CompletionRequest
 from router.state import ServerState, make_submit
@@ -150,14 +150,13 @@ async def _stream(
     generation: Generation,
     completion_id: str,
     created: int,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncIterator[dict[str, Any] | bytes]:
     count = len(generation.submits) * body.n
     offsets = [0] * count
+    frame = ChunkFrame("text_completion", completion_id, created, state.model_name, body.include_usage)
 
-    def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        extra = {"usage": None} if body.include_usage else {}
-        return openai_object("text_completion", completion_id, created, state.model_name, [choice], **extra)
+    def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> bytes:
+        return frame.event({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
 
     if body.echo:
         for i in range(count):

@@ -74,7 +74,11 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.router_args = router_args
-        self.router = Child("router", RestartPolicy(config.workers.restart_backoff_seconds))
+        count = config.server.router_processes
+        backoff = config.workers.restart_backoff_seconds
+        self.routers = {
+            r: Child("router" if count == 1 else f"router {r}", RestartPolicy(backoff)) for r in range(count)
+        }
         # Workers numbered pool after pool (Config.worker_slots), as the router's link numbers them.
         self.slots = config.worker_slots()
         self.several_models = len(config.pools()) > 1
@@ -88,7 +92,7 @@ class Supervisor:
         self._stopping = False
         self._fatal: str | None = None
         self._exit_code = 1
-        self._link: asyncio.StreamWriter | None = None
+        self._links: dict[int, asyncio.StreamWriter] = {}  # router index -> its end of our socket pair
         self._link_codec = link.supervisor_end()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -139,21 +143,28 @@ class Supervisor:
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
-    async def _spawn_router(self) -> None:
+    async def _spawn_router(self, index: int) -> None:
         ours, theirs = socket.socketpair()
         try:
-            child = self.router
+            child = self.routers[index]
             child.process = await self._exec(
-                ["router", *self.router_args, "--control-fd", str(theirs.fileno())],
+                [
+                    "router",
+                    *self.router_args,
+                    "--control-fd",
+                    str(theirs.fileno()),
+                    "--router-index",
+                    str(index),
+                ],
                 self._env(None),
                 pass_fds=(theirs.fileno(),),
             )
             child.started_at = time.monotonic()
         finally:
             theirs.close()
-        reader, self._link = await asyncio.open_unix_connection(sock=ours)
+        reader, self._links[index] = await asyncio.open_unix_connection(sock=ours)
         self._tasks.append(asyncio.create_task(self._read_link(reader), name="supervisor-link"))
-        log.info("started router (pid %d)", child.process.pid)
+        log.info("started %s (pid %d)", child.name, child.process.pid)
 
     async def _watch(self, child: Child, respawn: Callable[[], Awaitable[None]]) -> None:
         """Waits for the child to exit and restarts it after its back-off, until the supervisor stops."""
@@ -172,8 +183,9 @@ class Supervisor:
                 await respawn()
 
     async def _exited(self, child: Child, code: int) -> None:
-        if child is self.router:
-            self._link = None
+        router = next((r for r, c in self.routers.items() if c is child), None)
+        if router is not None:
+            self._links.pop(router, None)
             if code in _FATAL_ROUTER_CODES and not self.ready:
                 self._fatal = f"the router could not start (exit code {code}); see the log above"
                 self._exit_code = ROUTER_CONFIG_ERROR if code == ROUTER_CONFIG_ERROR else 1
@@ -186,12 +198,12 @@ class Supervisor:
     # -- the link to the router -----------------------------------------------------------------
 
     async def _tell(self, message: link.ToRouter) -> None:
-        writer = self._link
-        if writer is None:
-            return
-        with contextlib.suppress(ConnectionError, OSError):
-            writer.write(self._link_codec.encode(message))
-            await writer.drain()
+        """Tells every router process."""
+        payload = self._link_codec.encode(message)
+        for writer in list(self._links.values()):
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(payload)
+                await writer.drain()
 
     async def _read_link(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
@@ -225,8 +237,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        await self._spawn_router()
-        self._tasks.append(asyncio.create_task(self._watch(self.router, self._spawn_router)))
+        for r, router in self.routers.items():
+            await self._spawn_router(r)
+            self._tasks.append(
+                asyncio.create_task(self._watch(router, functools.partial(self._spawn_router, r)))
+            )
         for index in self.workers:
             await self._spawn_worker(index)
             self._tasks.append(
@@ -269,7 +284,10 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         drain = self.config.server.drain_timeout_seconds
-        await self._terminate(self.router, drain + 10.0)
+        for router in self.routers.values():
+            await self._terminate(router, drain + 10.0, wait=False)
+        for router in self.routers.values():
+            await self._terminate(router, drain + 10.0)
         for child in self.workers.values():
             await self._terminate(child, _WORKER_STOP_SECONDS, wait=False)
         for child in self.workers.values():

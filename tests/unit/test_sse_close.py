@@ -16,7 +16,7 @@ from router.endpoints.responses_events import _sse
 async def _source(closed: list[str]) -> AsyncGenerator[dict[str, Any], None]:
     try:
         yield {"type": "ok", "n": 1}
-        yield {"type": "bad", "n": {1, 2}}  # json cannot write a set: the framing fails
+        yield {"type": "bad", "n": object()}  # no JSON encoder can write this: the framing fails
         yield {"type": "never"}
     finally:
         closed.append("closed")
@@ -53,3 +53,14 @@ def test_responses_events_close_its_events_when_framing_fails() -> None:
     out, closed_then = _consume(_sse(_Run(closed)), closed)  # a duck-typed ResponseRun
     assert len(out) == 1 and out[0].startswith(b"event: ok\n")
     assert closed_then == ["closed"]
+
+
+def test_chunk_frames_encode_exactly_what_the_whole_object_would() -> None:
+    from router.api.sse import ChunkFrame, openai_object
+
+    choice = {"index": 1, "delta": {"content": 'é "quoted"\n'}, "logprobs": None, "finish_reason": "stop"}
+    for include_usage in (False, True):
+        frame = ChunkFrame("chat.completion.chunk", "chatcmpl-1", 17, 'model "x"', include_usage)
+        extra = {"usage": None} if include_usage else {}
+        whole = openai_object("chat.completion.chunk", "chatcmpl-1", 17, 'model "x"', [choice], **extra)
+        assert frame.event(choice) == sse(whole)
