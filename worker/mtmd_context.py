@@ -90,7 +90,15 @@ class MtmdContext:
         if kind == "audio" and not self.audio:
             raise MediaError("this model's projector does not take audio")
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        bitmap = mtmd_cpp.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(data), False)
+        loaded = mtmd_cpp.mtmd_helper_bitmap_init_from_buf_wrapper(
+            self.ctx, buf, len(data), False, _no_video_options()
+        )
+        bitmap = loaded.bitmap
+        if loaded.video_ctx:  # cannot happen with no ffmpeg to run; never keep one if it does
+            mtmd_cpp.mtmd_helper_video_free(loaded.video_ctx)
+            if bitmap:
+                mtmd_cpp.mtmd_bitmap_free(bitmap)
+            raise MediaError(f"the {kind} could not be decoded")
         if not bitmap:
             raise MediaError(f"the {kind} could not be decoded")
         chunks = None
@@ -158,3 +166,12 @@ class MtmdContext:
         if getattr(self, "ctx", None):
             mtmd_cpp.mtmd_free(self.ctx)
             self.ctx = None
+
+
+def _no_video_options() -> Any:
+    """mtmd's loader options with video decoding made impossible. Bytes that stb_image cannot decode fall
+    through to mtmd's video path, which runs `ffprobe` / `ffmpeg` from PATH on them: untrusted bytes must
+    never reach an external program, so the binaries are looked for under /dev/null, where none can be."""
+    options = mtmd_cpp.mtmd_helper_init_opt_default()
+    options.video_params.ffmpeg_bin_dir = b"/dev/null"
+    return options

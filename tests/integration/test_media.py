@@ -13,6 +13,7 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,10 +59,23 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def fake_ffmpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder put first on the worker's PATH whose `ffprobe` and `ffmpeg` leave a mark if anything runs
+    them: mtmd's loader hands bytes it cannot decode as an image to them (its video path)."""
+    folder = tmp_path_factory.mktemp("fake-ffmpeg")
+    for name in ("ffprobe", "ffmpeg"):
+        script = folder / name
+        script.write_text(f"#!/bin/sh\ntouch {folder}/ran-{name}\nexit 1\n")
+        script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def server(
-    gemma3_270m_gguf: Path, tiny_projector: Callable[[str], Path], cache_dir: Path
+    gemma3_270m_gguf: Path, tiny_projector: Callable[[str], Path], cache_dir: Path, fake_ffmpeg: Path
 ) -> Iterator[Server]:
-    with run_server(media_model(gemma3_270m_gguf, tiny_projector("both"), cache_dir)) as running:
+    model = media_model(gemma3_270m_gguf, tiny_projector("both"), cache_dir)
+    with run_server(model, env={"PATH": f"{fake_ffmpeg}:{os.environ['PATH']}"}) as running:
         yield running
 
 
@@ -183,7 +197,7 @@ def test_responses_input_image(server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_broken_media_are_a_400_and_the_worker_keeps_serving(server: Server) -> None:
+def test_broken_media_are_a_400_and_the_worker_keeps_serving(server: Server, fake_ffmpeg: Path) -> None:
     png = png_bytes(seed=5)
     broken = png[:40] + bytes(len(png) - 40)  # a valid header, then zeros where the pixels were
     cases = [
@@ -207,6 +221,7 @@ def test_broken_media_are_a_400_and_the_worker_keeps_serving(server: Server) -> 
             messages.append(reply.json()["error"]["message"])
     assert all(m.startswith("messages[0].content[0]: ") for m in messages), messages
     assert "could not be decoded" in messages[0]  # the worker's mtmd said so, and it keeps serving
+    assert not list(fake_ffmpeg.glob("ran-*"))  # undecodable bytes never reached an external program
     assert ask(server, [user(image_part(6), TEXT)]).usage.completion_tokens == 3
 
 
