@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 from shared.logs import setup_logging
 
 log = logging.getLogger("llamafleet")
@@ -83,11 +83,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     IpcSockets([config.requests_endpoint(), config.results_endpoint()], config.ipc_dir()).check()
     check_worker_endpoints([config.requests_endpoint(), config.results_endpoint()])
+    _check_loras(config, args.config)
     if config.workers.keys_dir:
         curve.load_router_keys(config.workers.keys_dir)
         for index in range(config.workers.count):
             curve.load_worker_keys(config.workers.keys_dir, index)
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
+
+
+def _check_loras(config: Config, path: Path) -> None:
+    """The config's local LoRA files fit a local model, before anything starts (exit 2 naming the file)."""
+    if not config.model.loras:
+        return
+    from shared.lora import AdapterFileError, check_config_loras
+
+    model_path = Path(config.model.path).expanduser() if config.model.path else None
+    try:
+        check_config_loras(config.model, model_path if model_path and model_path.is_file() else None)
+    except AdapterFileError as error:
+        raise ConfigError(f"{path}: {error}") from error
 
 
 def _run_router(args: argparse.Namespace) -> int:

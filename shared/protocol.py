@@ -79,6 +79,22 @@ class SubmitRequest(_Message, tag="submit"):
     # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
     # see worker/sampling.py).
     grammar_triggers: list[str] = msgspec.field(default_factory=list)
+    # A named LoRA adapter to run with, at this scale ("": the base model; see shared/lora.py).
+    lora: str = ""
+    lora_scale: float = 0.0
+
+
+class LoadAdapter(_Message, tag="load_adapter"):
+    """Load a named LoRA adapter (the router checked the file); answered by `adapter_reply`."""
+
+    name: str
+    path: str
+
+
+class UnloadAdapter(_Message, tag="unload_adapter"):
+    """Free a named adapter once no request holds it; answered by `adapter_reply` when done."""
+
+    name: str
 
 
 class Cancel(_Message, tag="cancel"):
@@ -176,6 +192,22 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
     disk_cache_evictions_total: int = 0
     disk_cache_corrupt_removed_total: int = 0
     disk_cache_bytes: int = 0
+    # LoRA: named adapters loaded, switches of the context's adapter set, and per adapter name ("": base)
+    # requests admitted and tokens generated.
+    adapters_loaded: int = 0
+    adapter_switches_total: int = 0
+    adapter_requests_total: dict[str, int] = msgspec.field(default_factory=dict)
+    adapter_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class AdapterReply(_Message, tag="adapter_reply"):
+    """A worker's answer to load_adapter / unload_adapter (`ok` False: `message` says why)."""
+
+    worker: WorkerIndex
+    name: str
+    op: str  # "load" or "unload"
+    ok: bool
+    message: str = ""
 
 
 class Stats(_Message, tag="stats"):
@@ -229,8 +261,8 @@ class EmbeddingsReply(_Message, tag="embeddings"):
     token_counts: list[int]
 
 
-RouterMessage: TypeAlias = SubmitRequest | Cancel | EmbedRequest | Hello
-WorkerMessage: TypeAlias = Ready | Stats | Frames | Error | EmbeddingsReply
+RouterMessage: TypeAlias = SubmitRequest | Cancel | EmbedRequest | Hello | LoadAdapter | UnloadAdapter
+WorkerMessage: TypeAlias = Ready | Stats | Frames | Error | EmbeddingsReply | AdapterReply
 Message: TypeAlias = RouterMessage | WorkerMessage
 
 M = TypeVar("M")

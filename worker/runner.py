@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.protocol import SubmitRequest
+from worker.adapters import AdapterStore
 from worker.checkpoints import MemoryCheckpoints
 from worker.disk_tier import DiskTier
 from worker.engine import EngineInfo, LlamaEngine
@@ -31,9 +32,12 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     """The scheduler's `Runner` on a real LlamaEngine."""
 
-    def __init__(self, engine: LlamaEngine, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, engine: LlamaEngine, faults: FaultInjector | None = None, adapters: AdapterStore | None = None
+    ) -> None:
         self.engine = engine
         self.faults = faults or FaultInjector()
+        self.adapters = adapters
         self._eog = engine.vocab.eog_ids
         self._get_logits = llama_cpp.llama_get_logits
         self._logits_key = (0, 0)
@@ -98,6 +102,8 @@ class ModelRunner:
         injected = (
             {rid for rid in groups if self.faults.triggered("decode", rid)} if self.faults.rules else set()
         )
+        if self.adapters is not None:  # one LoRA set per decode (set only when it changes)
+            self.adapters.apply(plan.adapters)
         rows = self._fill(plan.work)
         status = 1 if injected else self.engine.decode(self.engine.batch.size)
         if status == 0:
@@ -174,12 +180,21 @@ class ModelRunner:
 
 
 def build_scheduler(
-    engine: LlamaEngine, faults: FaultInjector | None = None, disk: DiskTier | None = None
+    engine: LlamaEngine,
+    faults: FaultInjector | None = None,
+    disk: DiskTier | None = None,
+    adapters: AdapterStore | None = None,
 ) -> Scheduler:
     """A scheduler on a ModelRunner for `engine`, with memory checkpoints when its memory cannot be
-    truncated (recurrent / hybrid models) and the disk tier when one is given."""
-    runner = ModelRunner(engine, faults)
+    truncated (recurrent / hybrid models), the disk tier when one is given, and LoRA adapters."""
+    runner = ModelRunner(engine, faults, adapters)
     checkpoints = None
     if engine.options.prefix_cache and engine.info.recurrent:
         checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)
-    return Scheduler(runner, runner.faults, disk=disk, checkpoints=checkpoints)
+    return Scheduler(
+        runner,
+        runner.faults,
+        disk=disk,
+        checkpoints=checkpoints,
+        adapter_quantum=engine.options.lora_switch_steps,
+    )

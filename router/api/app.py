@@ -18,6 +18,12 @@ from router.api.auth import HEALTH_AND_METRICS, ApiKeyMiddleware, load_api_keys
 from router.api.errors import APIError, install_error_handlers, retry_headers
 from router.api.limits import BodySizeLimit
 from router.api.metrics import RequestMetrics
+from router.endpoints.adapters import (
+    LoadLoraRequest,
+    UnloadLoraRequest,
+    load_lora_adapter,
+    unload_lora_adapter,
+)
 from router.endpoints.chat import create_chat_completion
 from router.endpoints.completions import create_completion
 from router.endpoints.embeddings import EmbeddingRequest, check_generation, create_embeddings
@@ -96,7 +102,15 @@ def create_app(
         }
         if info is not None:
             card["meta"] = {"n_ctx": info.n_ctx_seq, "n_vocab": info.n_vocab}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card, *state.adapters.cards()]}
+
+    @app.post("/v1/load_lora_adapter", responses=docs.LORA_ADMIN)
+    async def load_lora(body: LoadLoraRequest) -> dict[str, str]:
+        return await load_lora_adapter(state, body)
+
+    @app.post("/v1/unload_lora_adapter", responses=docs.LORA_ADMIN)
+    async def unload_lora(body: UnloadLoraRequest) -> dict[str, str]:
+        return await unload_lora_adapter(state, body)
 
     @app.post("/v1/completions", responses=docs.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -49,6 +49,12 @@ _WORKER_STATS = {
     "seq_ids_free": ("llamafleet_worker_seq_ids_free", "Free llama.cpp sequence ids", False),
     "prompt_tokens_total": ("llamafleet_worker_prompt_tokens", "Prompt tokens admitted", True),
     "generated_tokens_total": ("llamafleet_worker_generated_tokens", "Tokens sampled", True),
+    "adapters_loaded": ("llamafleet_worker_lora_adapters_loaded", "LoRA adapters loaded", False),
+    "adapter_switches_total": (
+        "llamafleet_worker_lora_adapter_switches",
+        "Engine steps that ran another LoRA adapter set than the step before",
+        True,
+    ),
     "steps_total": ("llamafleet_worker_steps", "Engine steps (llama_decode calls)", True),
     "decode_failures_total": (
         "llamafleet_worker_decode_failures",
@@ -126,6 +132,27 @@ class _WorkerCollector(Collector):
         yield up
         yield in_flight
         yield from families.values()
+        yield from self._per_adapter()
+
+    def _per_adapter(self) -> Iterator[CounterMetricFamily]:
+        """Requests and generated tokens per LoRA adapter name (`adapter=""`: the base model)."""
+        requests = CounterMetricFamily(
+            "llamafleet_worker_lora_requests",
+            "Requests admitted, by LoRA adapter",
+            labels=["worker", "adapter"],
+        )
+        tokens = CounterMetricFamily(
+            "llamafleet_worker_lora_generated_tokens",
+            "Tokens sampled, by LoRA adapter",
+            labels=["worker", "adapter"],
+        )
+        for worker in self._dispatcher.workers.values():
+            for name, count in worker.stats.adapter_requests_total.items():
+                requests.add_metric([str(worker.index), name], float(count))
+            for name, count in worker.stats.adapter_tokens_total.items():
+                tokens.add_metric([str(worker.index), name], float(count))
+        yield requests
+        yield tokens
 
 
 class Metrics:

@@ -135,7 +135,16 @@ EMBEDDINGS: Responses = {
     200: {"model": EmbeddingList, "description": "The vectors"},
     **_errors(*_POST_ERRORS),
 }
-MODELS: Responses = {200: {"model": ModelList, "description": "The one model this server serves"}}
+MODELS: Responses = {
+    200: {"model": ModelList, "description": "The base model and the named LoRA adapters (with `parent`)"}
+}
+LORA_ADMIN: Responses = {
+    200: {
+        "description": "The adapter was loaded (or unloaded) on every ready worker",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    **_errors(400, 404, 413, 503),
+}
 HEALTH: Responses = {
     200: {"model": Health, "description": "A worker is ready"},
     503: {**_error(503), "model": Health, "description": "No worker is ready"},

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.api.unicode_check import UnicodeCheckedModel
+from shared.config import LORA_SCALE_LIMIT
 
 _LENIENT = ConfigDict(extra="allow")
 
@@ -72,6 +73,8 @@ class SamplingFields(UnicodeCheckedModel):
     grammar: str | None = None
     # Structured output: also accepted on /v1/completions, as llama-server does.
     response_format: ResponseFormat | None = None
+    # llamafleet: the scale of the LoRA adapter that `model` names (0 to model.lora_max_scale).
+    lora_scale: float | None = Field(default=None, ge=0.0, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod
