@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--switch-steps", type=int, default=None, help="model.lora_switch_steps")
+    parser.add_argument(
+        "--passive-threads",
+        action="store_true",
+        help="OMP_WAIT_POLICY=passive (a machine shared with other work)",
+    )
     args = parser.parse_args(argv)
 
     from tests.fixtures.tiny_lora import write_lora
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_runs: list[float] = []
     mixed_runs: list[tuple[float, LoadResult, LoadResult]] = []
     plain_itl: list[float] = []
-    with run_server(model, api_key=None, passive_threads=False) as server:
+    with run_server(model, api_key=None, passive_threads=args.passive_threads) as server:
         asyncio.run(run_mix(server.base_url, base_model, rounds[0][:4], 4, 2))  # warm-up, both sets
         for round_no in range(args.rounds):
             seconds, plain, _ = asyncio.run(

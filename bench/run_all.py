@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, lora, prefix, serving, step_overhead, vs_llama_server, wire
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     wire.main([])
     print("\n== embeddings ==")
     embeddings.main([])
+    print("\n== LoRA: half the streams on an adapter vs all on the base model ==")
+    lora.main([])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
     vs_llama_server.main([])
 

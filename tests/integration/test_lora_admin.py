@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,25 @@ def test_endpoints_are_off_without_a_runtime_dir(tiny_llama_gguf: Path, adapters
         reply = post(plain, "/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(adapters["c"])})
         assert reply.status_code == 404
         assert post(plain, "/v1/unload_lora_adapter", {"lora_name": "style-a"}).status_code == 404
+
+
+def test_router_sends_adapter_requests_to_the_worker_running_that_adapter(
+    tiny_llama_gguf: Path, adapters: dict[str, Path]
+) -> None:
+    with run_server(lora_model(tiny_llama_gguf, adapters), workers={"count": 2}) as two:
+        started = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(stream_tokens, two, "style-a", 1500, started)
+            assert started.wait(30)
+            text(two, "style-a", prompt="follow me", max_tokens=4)  # least-loaded would pick the idle worker
+            assert not running.done()
+            running.result()
+        names = [f'llamafleet_worker_lora_requests_total{{adapter="style-a",worker="{i}"}}' for i in (0, 1)]
+        deadline = time.monotonic() + 10
+        while True:  # heartbeats carry the counters
+            metrics = two.metrics()
+            counts = sorted(metrics.get(name, 0.0) for name in names)
+            if sum(counts) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert counts == [0.0, 2.0], counts
