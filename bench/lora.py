@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from bench.serving import LoadResult, make_prompts
+from bench.serving import LoadResult, _cpu_seconds, make_prompts
 from shared.config import load_config
 from shared.models import resolve_model_path
 from shared.vocab import Vocab
@@ -122,18 +122,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_runs: list[float] = []
     mixed_runs: list[tuple[float, LoadResult, LoadResult]] = []
     plain_itl: list[float] = []
+    # Tokens per CPU second of the worker: on a machine shared with other work, wall time measures the
+    # neighbours as much as us; the worker's own CPU time per token does not.
+    plain_cpu: list[float] = []
+    mixed_cpu: list[float] = []
     with run_server(model, api_key=None, passive_threads=args.passive_threads) as server:
         asyncio.run(run_mix(server.base_url, base_model, rounds[0][:4], 4, 2))  # warm-up, both sets
+        workers = server.workers()
+
+        def worker_cpu() -> float:
+            return sum(_cpu_seconds(workers).values())
+
         for round_no in range(args.rounds):
-            seconds, plain, _ = asyncio.run(
-                run_mix(server.base_url, base_model, rounds[2 * round_no + 1], args.max_tokens, 0)
-            )
+            cpu = worker_cpu()
+            prompts = rounds[2 * round_no + 1]
+            seconds, plain, _ = asyncio.run(run_mix(server.base_url, base_model, prompts, args.max_tokens, 0))
+            plain_cpu.append(plain.output_tokens / max(worker_cpu() - cpu, 1e-9))
             plain_runs.append(plain.output_tokens / seconds)
             plain_itl.append(_p99(plain.itl))
-            mixed_runs.append(
-                asyncio.run(
-                    run_mix(server.base_url, base_model, rounds[2 * round_no + 2], args.max_tokens, 2)
-                )
+            cpu = worker_cpu()
+            prompts = rounds[2 * round_no + 2]
+            mixed_run = asyncio.run(run_mix(server.base_url, base_model, prompts, args.max_tokens, 2))
+            mixed_runs.append(mixed_run)
+            seconds, base_half, adapter_half = mixed_run
+            tokens = base_half.output_tokens + adapter_half.output_tokens
+            mixed_cpu.append(tokens / max(worker_cpu() - cpu, 1e-9))
+            print(
+                f"round {round_no + 1}: all base {plain_runs[-1]:.1f} tok/s "
+                f"(ITL p99 {plain_itl[-1]:.1f} ms), "
+                f"mixed {tokens / seconds:.1f} tok/s (ITL p99 base {_p99(base_half.itl):.1f} ms, adapter "
+                f"{_p99(adapter_half.itl):.1f} ms): ratio {tokens / seconds / plain_runs[-1]:.3f}, "
+                f"per worker CPU second {mixed_cpu[-1] / plain_cpu[-1]:.3f}",
+                flush=True,
             )
         switches = server.metrics().get('llamafleet_worker_lora_adapter_switches_total{worker="0"}', 0.0)
     best_plain = max(plain_runs)
@@ -154,10 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"throughput ratio mixed / all-base = {ratio:.3f}   (target >= 0.65); adapter switches {switches:.0f}"
     )
+    cpu_ratio = max(mixed_cpu) / max(plain_cpu)
+    print(f"tokens per worker CPU second, mixed / all-base = {cpu_ratio:.3f}")
     return {
         "ratio": ratio,
         "itl_p99_base_ms": _p99(base_half.itl),
         "itl_p99_adapter_ms": _p99(adapter_half.itl),
+        "cpu_ratio": cpu_ratio,
     }
 
 

@@ -47,7 +47,7 @@ def lora_model(tiny: Path, adapters: dict[str, Path], **overrides: Any) -> dict[
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_gguf: Path, adapters: dict[str, Path]) -> Iterator[Server]:
-    with run_server(lora_model(tiny_llama_gguf, adapters)) as handle:
+    with run_server(lora_model(tiny_llama_gguf, adapters, embedding_pooling="last")) as handle:
         yield handle
 
 
@@ -229,3 +229,11 @@ def test_metrics_count_requests_tokens_switches_and_loaded_adapters(server: Serv
     assert metrics['llamafleet_worker_lora_generated_tokens_total{adapter="",worker="0"}'] >= 5
     assert metrics['llamafleet_worker_lora_adapter_switches_total{worker="0"}'] >= 1
     assert metrics['llamafleet_worker_lora_adapters_loaded{worker="0"}'] == 2
+
+
+def test_embeddings_refuse_an_adapter_name(server: Server) -> None:
+    with server.http() as http:
+        assert http.post("/v1/embeddings", json={"model": "test-model", "input": "hello"}).status_code == 200
+        reply = http.post("/v1/embeddings", json={"model": "style-a", "input": "hello"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "model"
