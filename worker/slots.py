@@ -168,7 +168,7 @@ class SlotTable:
             if plan.length < registered:
                 self.memory.seq_rm(slot, plan.length, -1)
         else:
-            slot = heapq.heappop(self.free)
+            slot = self._take_free(adapters)
             self.memory.seq_rm(slot)
             if plan.length:
                 self._copy_prefix(plan.source, slot, plan.length)
@@ -189,8 +189,35 @@ class SlotTable:
         self.memory.seq_cp(source, slot, -1, -1)
         self.memory.seq_rm(slot, length, -1)
 
+    def _take_free(self, adapters: AdapterSet) -> int:
+        """A free id for a sequence of `adapters`: the lowest, unless several adapter sets run with
+        per-sequence KV streams. A step decodes one set, and llama.cpp puts only consecutive ids in one
+        ubatch there, so a set's ids are kept together: just above (else below) a running id of the same
+        set, else in the middle of the longest run of free ids (room for it and for the set below)."""
+        running = self.adapters
+        if self.unified or all(running.get(s, BASE) == adapters for s in self.running):
+            return heapq.heappop(self.free)
+        free = sorted(self.free)
+        same = {s for s in self.running if running.get(s, BASE) == adapters}
+        slot = next((s for s in free if s - 1 in same), -1)
+        if slot < 0:
+            slot = next((s for s in reversed(free) if s + 1 in same), -1)
+        if slot < 0:
+            best_start, best_length, start, length = free[0], 0, free[0], 0
+            for index, s in enumerate(free):
+                if index and s == free[index - 1] + 1:
+                    length += 1
+                else:
+                    start, length = s, 1
+                if length > best_length:
+                    best_start, best_length = start, length
+            slot = best_start + best_length // 2
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        return slot
+
     def acquire_empty(self, holder: KVHolder, adapters: AdapterSet = BASE) -> int:
-        slot = heapq.heappop(self.free)
+        slot = self._take_free(adapters)
         self.memory.seq_rm(slot)
         self.running[slot] = holder
         self.adapters[slot] = adapters

@@ -97,3 +97,17 @@ def test_prefix_reuse_stays_within_an_adapter_set() -> None:
     assert sched.uses_adapter("a") is False
     submit(sched, "queued", prompt, max_tokens=2, lora="a", lora_scale=1.0)
     assert sched.uses_adapter("a") is True
+
+
+def test_each_adapter_set_gets_consecutive_ids_with_per_sequence_kv() -> None:
+    """llama.cpp puts only consecutive sequence ids in one ubatch with per-sequence KV streams: a step of
+    one adapter set must not be split into a ubatch per row because the sets' ids interleave."""
+    runner = FakeRunner(shape=Shape(n_seq_max=16), kv_unified=False)
+    sched = Scheduler(runner, adapter_quantum=2)
+    for i in range(16):  # arriving alternately, as in bench/lora.py
+        lora = "a" if i % 2 else ""
+        submit(sched, f"r{i}", [5 + i, 7, 9], max_tokens=6, lora=lora, lora_scale=1.0 if lora else 0.0)
+    drive(sched)
+    for plan in runner.plans:
+        ids = [w.seq_id for w in plan.work]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), ids
