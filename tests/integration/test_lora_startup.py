@@ -4,6 +4,7 @@ one adapter set from another."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -118,3 +119,24 @@ def test_bad_lora_entries_are_config_errors(
     code, stderr = serve_exit(tmp_path, model_config(tiny_llama_gguf, loras=loras))
     assert code == 2, stderr
     assert "loras" in stderr and words in stderr
+
+
+def test_mixed_adapter_sets_with_per_sequence_kv_give_exactly_what_they_give_alone(
+    tiny_llama_gguf: Path, tmp_path: Path
+) -> None:
+    """Per-sequence KV streams: the slot table keeps each adapter set's sequence ids consecutive."""
+    lora = write_lora(tmp_path / "a.gguf", tiny_llama_gguf, seed=1)
+    model = model_config(
+        tiny_llama_gguf,
+        flash_attn=False,
+        kv_unified=False,
+        n_seq_max=8,
+        loras=[{"path": str(lora), "name": "a"}],
+    )
+    with run_server(model) as server:
+        cases = [("a" if i % 2 else "test-model", f"prompt number {i}") for i in range(8)]
+        alone = {case: complete(server, *case, max_tokens=30)[0] for case in cases}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = {pool.submit(complete, server, m, p, 30): (m, p) for m, p in cases}
+            for future, case in futures.items():
+                assert future.result()[0] == alone[case], case
