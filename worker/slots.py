@@ -168,7 +168,7 @@ class SlotTable:
             if plan.length < registered:
                 self.memory.seq_rm(slot, plan.length, -1)
         else:
-            slot = self._take_free(adapters)
+            slot = self._take_free(adapters, keep=plan.source)
             self.memory.seq_rm(slot)
             if plan.length:
                 self._copy_prefix(plan.source, slot, plan.length)
@@ -189,15 +189,16 @@ class SlotTable:
         self.memory.seq_cp(source, slot, -1, -1)
         self.memory.seq_rm(slot, length, -1)
 
-    def _take_free(self, adapters: AdapterSet) -> int:
+    def _take_free(self, adapters: AdapterSet, keep: int = -1) -> int:
         """A free id for a sequence of `adapters`: the lowest, unless several adapter sets run with
         per-sequence KV streams. A step decodes one set, and llama.cpp puts only consecutive ids in one
         ubatch there, so a set's ids are kept together: just above (else below) a running id of the same
-        set, else in the middle of the longest run of free ids (room for it and for the set below)."""
+        set, else in the middle of the longest run of free ids (room for it and for the set below). Cached
+        slots count as free there (one is evicted if chosen; never `keep`, a prefix about to be copied)."""
         running = self.adapters
         if self.unified or all(running.get(s, BASE) == adapters for s in self.running):
             return heapq.heappop(self.free)
-        free = sorted(self.free)
+        free = sorted({*self.free, *(s for s in self.cached if s != keep)})
         same = {s for s in self.running if running.get(s, BASE) == adapters}
         slot = next((s for s in free if s - 1 in same), -1)
         if slot < 0:
@@ -212,6 +213,8 @@ class SlotTable:
                 if length > best_length:
                     best_start, best_length = start, length
             slot = best_start + best_length // 2
+        if slot in self.cached:
+            self._evict(slot)
         self.free.remove(slot)
         heapq.heapify(self.free)
         return slot

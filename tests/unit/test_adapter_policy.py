@@ -104,10 +104,13 @@ def test_each_adapter_set_gets_consecutive_ids_with_per_sequence_kv() -> None:
     one adapter set must not be split into a ubatch per row because the sets' ids interleave."""
     runner = FakeRunner(shape=Shape(n_seq_max=16), kv_unified=False)
     sched = Scheduler(runner, adapter_quantum=2)
-    for i in range(16):  # arriving alternately, as in bench/lora.py
-        lora = "a" if i % 2 else ""
-        submit(sched, f"r{i}", [5 + i, 7, 9], max_tokens=6, lora=lora, lora_scale=1.0 if lora else 0.0)
-    drive(sched)
+    for wave in range(3):  # the later waves find every slot cached (prefix cache), none free
+        for i in range(16):  # arriving alternately, as in bench/lora.py
+            lora = "a" if i % 2 else ""
+            prompt = [5 + i, 7 + wave, 9]
+            submit(sched, f"r{wave}-{i}", prompt, max_tokens=6, lora=lora, lora_scale=1.0 if lora else 0.0)
+        drive(sched)
+    assert sched.slots.cached
     for plan in runner.plans:
         ids = [w.seq_id for w in plan.work]
         assert ids == list(range(ids[0], ids[0] + len(ids))), ids
