@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bench import (
     embeddings,
+    lora,
     media,
     mtp,
     prefix,
@@ -32,6 +33,8 @@ def main() -> None:
     media.main([])
     print("\n== speculative decoding: draft-mtp on tiny NextN models ==")
     mtp.main(["--concurrency", "1,4", "--ks", "1,3"])
+    print("\n== LoRA: half the streams on an adapter vs all on the base model ==")
+    lora.main([])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")
     vs_llama_server.main([])
 

@@ -52,6 +52,8 @@ class ModelRegistry:
         if not requested:
             return self.default
         state = self._by_name.get(requested)
+        if state is None:  # a named LoRA adapter is served by its base model's pool
+            state = next((s for s in self.states if s.adapters.knows(requested)), None)
         if state is None:
             served = ", ".join(repr(name) for name in self._by_name)
             raise APIError(
@@ -77,6 +79,7 @@ class ModelRegistry:
             if info is not None:
                 card["meta"] = {"n_ctx": info.n_ctx_seq, "n_vocab": info.n_vocab}
             cards.append(card)
+            cards.extend(state.adapters.cards())
         return cards
 
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -10,6 +10,7 @@ from typing import Any
 from router.api.admission import Admission
 from router.api.errors import APIError
 from router.api.metrics import Metrics
+from router.client.adapters import AdapterCatalog
 from router.client.dispatch import Dispatcher
 from router.parsers import ResponseSchemaParser
 from router.preprocess.offload import Preparer
@@ -36,10 +37,14 @@ class ServerState:
     # Admission by sequences (router/api/admission.py) and the threads that prepare requests off the loop.
     admission: Admission = field(init=False)
     preparer: Preparer = field(init=False)
+    # Named LoRA adapters, each served as a model of its own (router/client/adapters.py).
+    adapters: AdapterCatalog = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.dispatcher, self.config.server.max_queued_requests, self.metrics)
         self.preparer = Preparer()
+        self.adapters = AdapterCatalog(self.config.model, self.model_name, self.created)
+        self.dispatcher.runtime_adapters = self.adapters.runtime_paths
 
     @classmethod
     def build(
@@ -64,7 +69,7 @@ class ServerState:
         return self.config.model.served_name
 
     def check_model(self, requested: str | None) -> None:
-        if requested and requested != self.model_name:
+        if requested and requested != self.model_name and not self.adapters.knows(requested):
             raise APIError(
                 404,
                 f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
@@ -212,6 +217,7 @@ def make_submit(
         raise APIError(
             400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"
         )
+    lora, lora_scale = state.adapters.resolve(request.model, request.lora_scale)
     return SubmitRequest(
         rid=rid,
         prompt=prompt,
@@ -223,4 +229,6 @@ def make_submit(
         grammar=grammar,
         grammar_triggers=list(grammar_triggers or []),
         speculative=bool(getattr(request, "speculative", True)),
+        lora=lora,
+        lora_scale=lora_scale,
     )

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 from shared.logs import setup_logging
 
 log = logging.getLogger("llamafleet")
@@ -107,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         endpoints = [endpoint for pair in pool.router_endpoints() for endpoint in pair]
         IpcSockets(endpoints, pool.ipc_dir()).check()
         check_worker_endpoints(endpoints)
+        _check_loras(pool, args.config)
         if pool.workers.keys_dir:
             curve.load_router_keys(pool.workers.keys_dir)
             for index in range(pool.workers.count):
@@ -128,6 +129,19 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"llamafleet: model {pool.model.served_name!r}: {error}", file=sys.stderr)
             return 2
     return asyncio.run(Supervisor(config, args.config.resolve(), router_args).run())
+
+
+def _check_loras(config: Config, path: Path) -> None:
+    """The config's local LoRA files fit a local model, before anything starts (exit 2 naming the file)."""
+    if not config.model.loras:
+        return
+    from shared.lora import AdapterFileError, check_config_loras
+
+    model_path = Path(config.model.path).expanduser() if config.model.path else None
+    try:
+        check_config_loras(config.model, model_path if model_path and model_path.is_file() else None)
+    except AdapterFileError as error:
+        raise ConfigError(f"{path}: {error}") from error
 
 
 def _run_router(args: argparse.Namespace) -> int:

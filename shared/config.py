@@ -89,12 +89,18 @@ class PackagedOptions(BaseModel):
     dest_dir: str | None = None
 
 
+# A LoRA scale beyond this magnitude is a mistake, not a setting (config and per-request overrides).
+LORA_SCALE_LIMIT = 100.0
+
+
 class LoraOptions(BaseModel):
     model_config = _STRICT
 
     path: str | None = None
     from_pretrained: FromPretrainedOptions | None = None
-    scale: float = 1.0
+    scale: float = Field(default=1.0, ge=0.0, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
+    # Named (llamafleet): not applied by default; listed in /v1/models and chosen by a request's `model`.
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
 
     @model_validator(mode="after")
     def _one_source(self) -> LoraOptions:
@@ -164,6 +170,12 @@ class ModelOptions(BaseModel):
     alias: str | None = None
     chat_template: str | None = None
     loras: list[LoraOptions] = Field(default_factory=list)
+    # Bound of a request's `lora_scale` override (0 to this); config scales are bounded the same way.
+    lora_max_scale: float = Field(default=4.0, gt=0.0, le=LORA_SCALE_LIMIT)
+    # POST /v1/load_lora_adapter accepts files under this folder only; unset, the endpoints answer 404.
+    lora_runtime_dir: str | None = None
+    # Engine steps one LoRA adapter set keeps the context before another set that waits gets it.
+    lora_switch_steps: int = Field(default=4, ge=1, le=1024)
     mtmd: MTMDOptions | None = None
     # llama_model_params. n_gpu_layers: -1 (llama.cpp's default when unset) puts every layer on the GPU where
     # the build can; a positive count on a build without GPU offload refuses to start unless
@@ -250,7 +262,25 @@ class ModelOptions(BaseModel):
                 f"model.n_batch {self.n_batch} leaves no room to verify model.draft_model_num_pred_tokens "
                 f"{k} drafts (needs n_batch >= {k + 1})"
             )
+        self._check_loras()
         return self
+
+    def _check_loras(self) -> None:
+        """Named adapters are model ids: unique, never the base alias; scales within `lora_max_scale`."""
+        names: set[str] = set()
+        for index, lora in enumerate(self.loras):
+            if lora.scale > self.lora_max_scale:
+                raise ValueError(
+                    f"model.loras[{index}].scale {lora.scale} exceeds "
+                    f"model.lora_max_scale {self.lora_max_scale}"
+                )
+            if lora.name is None:
+                continue
+            if lora.name == self.served_name:
+                raise ValueError(f"model.loras[{index}].name {lora.name!r} is the base model's name")
+            if lora.name in names:
+                raise ValueError(f"model.loras[{index}].name {lora.name!r} is used twice")
+            names.add(lora.name)
 
     @property
     def served_name(self) -> str:

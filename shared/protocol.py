@@ -96,6 +96,22 @@ class SubmitRequest(_Message, tag="submit"):
     prediction: list[int] | None = None
     # False: this request never speculates (the `speculative` request field).
     speculative: bool = True
+    # A named LoRA adapter to run with, at this scale ("": the base model; see shared/lora.py).
+    lora: str = ""
+    lora_scale: float = 0.0
+
+
+class LoadAdapter(_Message, tag="load_adapter"):
+    """Load a named LoRA adapter (the router checked the file); answered by `adapter_reply`."""
+
+    name: str
+    path: str
+
+
+class UnloadAdapter(_Message, tag="unload_adapter"):
+    """Free a named adapter once no request holds it; answered by `adapter_reply` when done."""
+
+    name: str
 
 
 class Cancel(_Message, tag="cancel"):
@@ -206,6 +222,22 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
     spec_drafted_by_position: list[int] = msgspec.field(default_factory=list)
     spec_accepted_by_position: list[int] = msgspec.field(default_factory=list)
     spec_steps_total: int = 0
+    # LoRA: named adapters loaded, switches of the context's adapter set, and per adapter name ("": base)
+    # requests admitted and tokens generated.
+    adapters_loaded: int = 0
+    adapter_switches_total: int = 0
+    adapter_requests_total: dict[str, int] = msgspec.field(default_factory=dict)
+    adapter_tokens_total: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class AdapterReply(_Message, tag="adapter_reply"):
+    """A worker's answer to load_adapter / unload_adapter (`ok` False: `message` says why)."""
+
+    worker: WorkerIndex
+    name: str
+    op: str  # "load" or "unload"
+    ok: bool
+    message: str = ""
 
 
 class Stats(_Message, tag="stats"):
@@ -264,8 +296,8 @@ class EmbeddingsReply(_Message, tag="embeddings"):
     token_counts: list[int]
 
 
-RouterMessage: TypeAlias = SubmitRequest | Cancel | EmbedRequest | Hello
-WorkerMessage: TypeAlias = Ready | Stats | Frames | Error | EmbeddingsReply
+RouterMessage: TypeAlias = SubmitRequest | Cancel | EmbedRequest | Hello | LoadAdapter | UnloadAdapter
+WorkerMessage: TypeAlias = Ready | Stats | Frames | Error | EmbeddingsReply | AdapterReply
 Message: TypeAlias = RouterMessage | WorkerMessage
 
 M = TypeVar("M")

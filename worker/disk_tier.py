@@ -30,7 +30,13 @@ class DiskTierStats:
 
 
 class DiskTier:
-    def __init__(self, engine: LlamaEngine, options: DiskCacheOptions, model_path: Path) -> None:
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        options: DiskCacheOptions,
+        model_path: Path,
+        always_on_loras: list[str] | None = None,
+    ) -> None:
         self.engine = engine
         model = engine.options
         layout = {
@@ -40,6 +46,8 @@ class DiskTier:
             "swa_full": model.swa_full,
             "flash_attn": model.flash_attn,
             "kv_unified": model.kv_unified,
+            # KV computed with start-up LoRA adapters (file and scale) is another cache.
+            "loras": list(always_on_loras or []),
         }
         self.cache = DiskSequenceCache(options, cache_fingerprint(model_path, layout))
         self.min_tokens = options.min_tokens

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -24,7 +25,9 @@ import zmq
 from shared import curve, gpu, protocol
 from shared.config import Config
 from shared.ipc import check_worker_endpoints
+from shared.lora import resolve_lora_path
 from shared.models import resolve_model_path
+from worker.adapters import AdapterLoadError, AdapterStore
 from worker.disk_tier import DiskTier
 from worker.embeddings import EmbeddingService
 from worker.engine import LlamaEngine
@@ -166,15 +169,7 @@ class WorkerProcess:
     def _held_requests(self) -> list[str]:
         return self.scheduler.request_ids() + self.embeddings.request_ids()
 
-    def _warn_unsupported(self) -> None:
-        """Seed config sections this version reads but does not act on yet: say so instead of ignoring."""
-        model = self.config.model
-        for field, present in (("model.loras", bool(model.loras)),):
-            if present:
-                log.warning("%s is not supported by this version of llamafleet and is ignored", field)
-
     def run(self) -> None:
-        self._warn_unsupported()
         override = self.config.workers.override_for(self.index)
         model_path = resolve_model_path(self.config.model)
         self.engine = LlamaEngine(self.config.model, model_path, override)
@@ -187,15 +182,21 @@ class WorkerProcess:
             info.offloaded_layers,
             info.n_layer + 1,
         )
+        self.adapters = self._load_adapters()
         disk = None
         if self.config.disk_cache is not None and not self.engine.embedding:
             try:
-                disk = DiskTier(self.engine, self.config.disk_cache, model_path)
+                identity = [f"{a.path}:{a.path.stat().st_size}:{a.scale}" for a in self.adapters.always]
+                disk = DiskTier(self.engine, self.config.disk_cache, model_path, identity)
             except OSError as error:  # e.g. a folder that cannot be created: serve without the disk tier
                 log.warning("disk cache disabled: %s", error)
         self.media = load_media(self.config.model, self.engine, override)
         speculation = build_speculation(self.config.model, self.engine)
-        self.scheduler = build_scheduler(self.engine, disk=disk, media=self.media, speculation=speculation)
+        self.scheduler = build_scheduler(
+            self.engine, disk=disk, media=self.media, speculation=speculation, adapters=self.adapters
+        )
+        self.scheduler.stats.adapters_loaded = self.adapters.count
+        self.pending_unloads: list[str] = []
         self.embeddings = EmbeddingService.for_engine(self.engine, self.config.model, override)
         self.heartbeat.start()
         try:
@@ -207,10 +208,31 @@ class WorkerProcess:
             self.scheduler.close()
             if self.media is not None:
                 self.media.close()
+            self.adapters.close()
             self.engine.close()
             for sock in (*self.dealers, *self.pushes):
                 sock.close()
             self.zmq.term()
+
+    def _load_adapters(self) -> AdapterStore:
+        """The config's LoRA adapters: unnamed ones applied to everything, named ones on request. One that
+        does not fit the model stops the worker with an error naming the file and the entry."""
+        arch = str(self.engine.vocab.metadata("general.architecture") or "")
+        store = AdapterStore(self.engine.model, self.engine.ctx, arch)
+        for index, lora in enumerate(self.config.model.loras):
+            path = resolve_lora_path(lora)
+            try:
+                if lora.name is None:
+                    store.add_always(path, lora.scale)
+                else:
+                    store.load(lora.name, path, lora.scale)
+            except AdapterLoadError as error:
+                store.close()
+                raise AdapterLoadError(f"model.loras[{index}]: {error}") from error
+            log.info(
+                "LoRA adapter %s loaded from %s (scale %s)", lora.name or "(always on)", path, lora.scale
+            )
+        return store
 
     def _ready_message(self) -> bytes:
         """`ready` goes over the DEALER: when the router receives it there, it can route requests back."""
@@ -276,6 +298,8 @@ class WorkerProcess:
                 self.send(protocol.Frames(result.items))
             for error in result.errors:
                 self.send(error)
+            if self.pending_unloads:
+                self._finish_unloads()
 
     def _drain(self) -> None:
         for router, dealer in enumerate(self.dealers):
@@ -309,6 +333,10 @@ class WorkerProcess:
             if self.engine.embedding:
                 self.send(protocol.Error(rid, 400, "invalid_request_error", _EMBED_ONLY))
                 return
+            if message.lora and (not self.adapters.has(message.lora) or message.lora in self.pending_unloads):
+                text = f"the LoRA adapter {message.lora!r} is not loaded on this worker"
+                self.send(protocol.Error(rid, 404, "not_found_error", text))
+                return
             try:
                 submit_with_media(self.scheduler, self.media, message, self.engine.info.n_ctx_seq)
             except RequestRejected as error:
@@ -317,11 +345,38 @@ class WorkerProcess:
             refusal = self.embeddings.submit(message, self.stopping)
             if refusal is not None:
                 self.send(refusal)
+        elif isinstance(message, protocol.LoadAdapter):
+            self._load_adapter(message)
+        elif isinstance(message, protocol.UnloadAdapter):
+            if message.name not in self.pending_unloads:
+                self.pending_unloads.append(message.name)
+            self._finish_unloads()
         elif isinstance(message, protocol.Cancel):
             if not self.scheduler.cancel(message.rid):
                 self.embeddings.cancel(message.rid)
         else:
             self._hello(set(message.live))
+
+    def _load_adapter(self, message: protocol.LoadAdapter) -> None:
+        ok, text = True, ""
+        try:
+            self.adapters.load(message.name, Path(message.path))
+            if message.name in self.pending_unloads:
+                self.pending_unloads.remove(message.name)
+            log.info("LoRA adapter %s loaded from %s", message.name, message.path)
+        except AdapterLoadError as error:
+            ok, text = False, str(error)
+        self.scheduler.stats.adapters_loaded = self.adapters.count
+        self.send(protocol.AdapterReply(self.index, message.name, "load", ok, text))
+
+    def _finish_unloads(self) -> None:
+        """Frees adapters asked to unload once no request waiting or running uses them."""
+        for name in [n for n in self.pending_unloads if not self.scheduler.uses_adapter(n)]:
+            self.pending_unloads.remove(name)
+            found = self.adapters.unload(name)
+            self.scheduler.stats.adapters_loaded = self.adapters.count
+            text = "" if found else f"no adapter named {name!r} is loaded"
+            self.send(protocol.AdapterReply(self.index, name, "unload", found, text))
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         del signum, frame

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.protocol import SubmitRequest
+from worker.adapters import AdapterStore
 from worker.checkpoints import MemoryCheckpoints
 from worker.disk_tier import DiskTier
 from worker.engine import EngineInfo, LlamaEngine
@@ -42,6 +43,7 @@ class ModelRunner:
         faults: FaultInjector | None = None,
         media: MediaEncoder | None = None,
         drafters: list[Drafter] | None = None,
+        adapters: AdapterStore | None = None,
     ) -> None:
         self.engine = engine
         self.media = media
@@ -49,6 +51,7 @@ class ModelRunner:
         # Speculation providers that read the target's outputs after each decode (MTP's hidden states).
         self.observers = [d for d in drafters or [] if d.observes_target]
         self.all_outputs = any(d.target_outputs for d in self.observers)
+        self.adapters = adapters
         self._eog = engine.vocab.eog_ids
         self._get_logits = llama_cpp.llama_get_logits
         self._logits_key = (0, 0)
@@ -115,6 +118,8 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepOutput:
         output = StepOutput()
         work = plan.work
+        if self.adapters is not None:  # one LoRA set per step, media spans included (set only on a change)
+            self.adapters.apply(plan.adapters)
         if plan.media:  # media spans first, each in a decode of its own (worker/media_decode.py)
             # (sequence id, MediaSpan) pairs: worker/scheduler.py plans them
             spans: dict[int, MediaSpan] = dict(cast("list[tuple[int, MediaSpan]]", plan.media))
@@ -274,12 +279,21 @@ def build_scheduler(
     disk: DiskTier | None = None,
     media: MediaEncoder | None = None,
     speculation: Speculation | None = None,
+    adapters: AdapterStore | None = None,
 ) -> Scheduler:
     """A scheduler on a ModelRunner for `engine`, with memory checkpoints when its memory cannot be
     truncated (recurrent / hybrid models), the disk tier when one is given, media spans decoded with the
-    projector, and speculative decoding."""
-    runner = ModelRunner(engine, faults, media, speculation.providers() if speculation is not None else None)
+    projector, speculative decoding and LoRA adapters."""
+    drafters = speculation.providers() if speculation is not None else None
+    runner = ModelRunner(engine, faults, media, drafters, adapters)
     checkpoints = None
     if engine.options.prefix_cache and engine.info.recurrent:
         checkpoints = MemoryCheckpoints(engine, engine.options.checkpoint_max_bytes)
-    return Scheduler(runner, runner.faults, disk=disk, checkpoints=checkpoints, speculation=speculation)
+    return Scheduler(
+        runner,
+        runner.faults,
+        disk=disk,
+        checkpoints=checkpoints,
+        speculation=speculation,
+        adapter_quantum=engine.options.lora_switch_steps,
+    )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from shared.lora import BASE, AdapterSet, adapter_set
 from shared.protocol import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -29,6 +30,7 @@ from shared.protocol import (
     TokenLogprob,
     WorkerStats,
 )
+from worker.adapter_policy import AdapterRotation
 from worker.faults import FaultInjector
 from worker.media import plan_take
 from worker.slots import ReusePlan, SlotTable
@@ -106,6 +108,7 @@ class ActiveRequest:
     # Drafts from the request's predicted output that the target accepted / rejected.
     prediction_accepted: int = 0
     prediction_rejected: int = 0
+    adapters: AdapterSet = BASE  # the LoRA set its KV is computed under (shared/lora.py)
 
     @property
     def prompt_list(self) -> list[int]:
@@ -137,6 +140,7 @@ class Scheduler:
         disk: DiskTier | None = None,
         checkpoints: MemoryCheckpoints | None = None,
         speculation: Speculation | None = None,
+        adapter_quantum: int = 4,
     ) -> None:
         self.runner = runner
         self.spec = speculation
@@ -162,6 +166,8 @@ class Scheduler:
         self._eog = runner.eog_ids
         # Sequence id -> sequence for the plan being run: `commit()` takes the output of the last `plan()`.
         self._planned: dict[int, Sequence] = {}
+        # One LoRA adapter set per step; which one is worker/adapter_policy.py's choice.
+        self.rotation: AdapterRotation[AdapterSet] = AdapterRotation(adapter_quantum)
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -206,6 +212,7 @@ class Scheduler:
             reserved_cells=self._cells_needed(submit),
             stop_ids=stop_ids,
             media=media,
+            adapters=adapter_set(submit.lora, submit.lora_scale),
         )
         self.waiting.append(request)
 
@@ -239,7 +246,7 @@ class Scheduler:
             n = request.submit.n
             if self.slots.available < n:
                 return
-            plan = self.slots.plan(request.prompt_list)
+            plan = self.slots.plan(request.prompt_list, request.adapters)
             if plan.wait and self.running:
                 return  # the shared prefix is being prefilled right now: copy it in a step or two
             slots, cells = n, request.reserved_cells
@@ -278,9 +285,9 @@ class Scheduler:
         for choice, sampler in enumerate(samplers):
             seq = Sequence(request, choice, -1, sampler)
             if choice == 0:
-                seq.seq_id = self.slots.acquire(plan, request.prompt_list, seq)
+                seq.seq_id = self.slots.acquire(plan, request.prompt_list, seq, request.adapters)
                 seq.n_past = plan.length
-                for tier in self.tiers:  # checkpoints or the disk may hold a longer prefix
+                for tier in self._tiers_for(request):  # checkpoints or the disk may hold a longer prefix
                     seq.n_past = tier.restore(seq.seq_id, request.prompt_list, seq.n_past)
                 if request.media is not None:  # never reuse part of an image
                     reused = request.media.clamp_reuse(seq.n_past)
@@ -288,12 +295,23 @@ class Scheduler:
                         self.runner.seq_rm(seq.seq_id, reused, -1)
                         seq.n_past = reused
             else:
-                seq.seq_id = self.slots.acquire_empty(seq)
+                seq.seq_id = self.slots.acquire_empty(seq, request.adapters)
             request.sequences.append(seq)
         request.cached_tokens = request.leader.n_past
         self.reserved += request.reserved_cells
         self.running[submit.rid] = request
         self.stats.prompt_tokens_total += len(request.prompt)
+        per_adapter = self.stats.adapter_requests_total
+        per_adapter[submit.lora] = per_adapter.get(submit.lora, 0) + 1
+
+    def _tiers_for(self, request: ActiveRequest) -> list[PrefixTier]:
+        """The prefix tiers hold base-model KV only (their keys are tokens): named adapters bypass them."""
+        return self.tiers if request.adapters == BASE else []
+
+    def uses_adapter(self, name: str) -> bool:
+        """Whether a waiting or running request runs with the named adapter."""
+        requests = [*self.running.values(), *self.waiting]
+        return any(r.submit.lora == name for r in requests)
 
     def _finish_sequence(self, seq: Sequence, keep_kv: bool = True) -> None:
         """Ends a sequence; its slot's KV stays as prefix cache unless `keep_kv` is False."""
@@ -336,14 +354,12 @@ class Scheduler:
         `n_batch`; work items in sequence-id order."""
         planned = self._planned
         planned.clear()
+        ready = list(dict.fromkeys(r.adapters for r in self.running.values()))
+        adapters = self.rotation.choose(ready)
+        self.stats.adapter_switches_total = self.rotation.switches
+        chosen = [r for r in self.running.values() if r.adapters == adapters]
         decoding = sorted(
-            (
-                seq
-                for r in self.running.values()
-                if not r.prefilling
-                for seq in r.sequences
-                if not seq.finished
-            ),
+            (seq for r in chosen if not r.prefilling for seq in r.sequences if not seq.finished),
             key=lambda seq: seq.seq_id,
         )
         budget = self.n_batch - len(decoding)
@@ -359,7 +375,7 @@ class Scheduler:
             work.append(
                 SeqWork(seq.request.submit.rid, seq.seq_id, tokens, seq.n_past, len(tokens), [sample])
             )
-        for request in self.running.values():  # prefill budget in arrival order
+        for request in chosen:  # prefill budget in arrival order
             if not request.prefilling or budget <= 0:
                 continue
             leader = request.leader
@@ -386,7 +402,7 @@ class Scheduler:
         # Rows go in sequence-id order: with per-sequence KV streams llama.cpp only batches consecutive
         # ids into one ubatch, so this keeps a decode step to as few ubatches as the ids allow.
         work.sort(key=lambda item: item.seq_id)
-        return StepPlan(work, media=list(media))
+        return StepPlan(work, adapters=adapters, media=list(media))
 
     def _drafts(self, decoding: list[Sequence], budget: int) -> dict[int, list[int]]:
         """Draft tokens for the decoding sequences that speculate, within `budget` extra rows; a draft
@@ -445,7 +461,7 @@ class Scheduler:
                 for sibling in request.sequences[1:]:
                     sibling.n_past = seq.n_past
             if work.position < len(request.prompt) and seq.n_past == len(request.prompt):
-                for tier in self.tiers:  # the slot holds exactly the prompt right now
+                for tier in self._tiers_for(request):  # the slot holds exactly the prompt right now
                     tier.save(seq.seq_id, request.prompt_list)
             for task in work.samples:
                 result = sampled.get(task.seq_id)
@@ -479,6 +495,8 @@ class Scheduler:
         tokens: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if submit.logprobs is not None else None
         base = seq.n_past - (len(result.tokens) - 1)  # KV after the step's first row (before drafts)
+        per_adapter = self.stats.adapter_tokens_total
+        per_adapter[submit.lora] = per_adapter.get(submit.lora, 0) + len(result.tokens)
         for index, token in enumerate(result.tokens):
             seq.generated += 1
             self.stats.generated_tokens_total += 1

@@ -159,6 +159,10 @@ class SimulatedWorker(WorkerProcess):
             self.send(protocol.Error(message.rid, 400, "invalid_request_error", _NO_EMBEDDINGS))
         elif isinstance(message, protocol.Cancel):
             self.sim.cancel(message.rid)
+        elif isinstance(message, protocol.LoadAdapter | protocol.UnloadAdapter):
+            # No model, so no adapter: say it is done, as a real worker would once loaded / freed.
+            op = "load" if isinstance(message, protocol.LoadAdapter) else "unload"
+            self.send(protocol.AdapterReply(self.index, message.name, op, True))
         else:
             self._hello(set(message.live))
 

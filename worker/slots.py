@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.lora import BASE, AdapterSet
 from shared.radix import RadixTree
 from worker.step import KVMemory
 
@@ -75,6 +76,9 @@ class SlotTable:
         self.cached: OrderedDict[int, int] = OrderedDict()  # slot -> cells, least recently used first
         self.running: dict[int, KVHolder] = {}
         self.tree = RadixTree()
+        # The LoRA adapter set each running or cached slot's KV was computed under: KV is reused only
+        # within one set (a prompt cached under adapter A never serves the base model or adapter B).
+        self.adapters: dict[int, AdapterSet] = {}
         self.can_truncate = not recurrent
         self.can_copy = not recurrent
         self.unified = unified
@@ -93,8 +97,9 @@ class SlotTable:
 
     # -- reuse ----------------------------------------------------------------------------------------
 
-    def plan(self, prompt: list[int]) -> ReusePlan:
-        """The best way to reuse cached KV for `prompt` (always leaving one token to prefill for logits)."""
+    def plan(self, prompt: list[int], adapters: AdapterSet = BASE) -> ReusePlan:
+        """The best way to reuse cached KV for `prompt` under `adapters` (always leaving one token to
+        prefill for logits)."""
         if not self.enabled:
             return ReusePlan()
         self.stats.lookups += 1
@@ -103,6 +108,8 @@ class SlotTable:
         # Ties go to the lowest id, and a cached slot to take over beats a copy that is only a little
         # longer: both keep running ids close together (one ubatch per step with per-sequence KV).
         for slot, shared in sorted(self.tree.match_lengths(prompt).items()):
+            if self.adapters.get(slot, BASE) != adapters:
+                continue
             limit = min(shared, len(prompt) - 1)
             if slot in self.cached:
                 registered = len(self.tree.tokens_of(slot))
@@ -146,10 +153,13 @@ class SlotTable:
         self.cached.pop(slot)
         self.tree.remove(slot)
         self.memory.seq_rm(slot)
+        self.adapters.pop(slot, None)
         heapq.heappush(self.free, slot)
         self.stats.evictions += 1
 
-    def acquire(self, plan: ReusePlan, prompt: list[int], holder: KVHolder) -> int:
+    def acquire(
+        self, plan: ReusePlan, prompt: list[int], holder: KVHolder, adapters: AdapterSet = BASE
+    ) -> int:
         """A slot for a request's leader, holding the plan's reused prefix; registers the prompt."""
         if plan.takeover:
             slot = plan.source
@@ -158,7 +168,7 @@ class SlotTable:
             if plan.length < registered:
                 self.memory.seq_rm(slot, plan.length, -1)
         else:
-            slot = heapq.heappop(self.free)
+            slot = self._take_free(adapters, keep=plan.source)
             self.memory.seq_rm(slot)
             if plan.length:
                 self._copy_prefix(plan.source, slot, plan.length)
@@ -166,6 +176,7 @@ class SlotTable:
             self.stats.hits += 1
             self.stats.reused_tokens += plan.length
         self.running[slot] = holder
+        self.adapters[slot] = adapters
         if self.enabled:
             self.tree.insert(slot, prompt)
         return slot
@@ -178,10 +189,41 @@ class SlotTable:
         self.memory.seq_cp(source, slot, -1, -1)
         self.memory.seq_rm(slot, length, -1)
 
-    def acquire_empty(self, holder: KVHolder) -> int:
-        slot = heapq.heappop(self.free)
+    def _take_free(self, adapters: AdapterSet, keep: int = -1) -> int:
+        """A free id for a sequence of `adapters`: the lowest, unless several adapter sets run with
+        per-sequence KV streams. A step decodes one set, and llama.cpp puts only consecutive ids in one
+        ubatch there, so a set's ids are kept together: just above (else below) a running id of the same
+        set, else in the middle of the longest run of free ids (room for it and for the set below). Cached
+        slots count as free there (one is evicted if chosen; never `keep`, a prefix about to be copied)."""
+        running = self.adapters
+        if self.unified or all(running.get(s, BASE) == adapters for s in self.running):
+            return heapq.heappop(self.free)
+        free = sorted({*self.free, *(s for s in self.cached if s != keep)})
+        same = {s for s in self.running if running.get(s, BASE) == adapters}
+        slot = next((s for s in free if s - 1 in same), -1)
+        if slot < 0:
+            slot = next((s for s in reversed(free) if s + 1 in same), -1)
+        if slot < 0:
+            best_start, best_length, start, length = free[0], 0, free[0], 0
+            for index, s in enumerate(free):
+                if index and s == free[index - 1] + 1:
+                    length += 1
+                else:
+                    start, length = s, 1
+                if length > best_length:
+                    best_start, best_length = start, length
+            slot = best_start + best_length // 2
+        if slot in self.cached:
+            self._evict(slot)
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        return slot
+
+    def acquire_empty(self, holder: KVHolder, adapters: AdapterSet = BASE) -> int:
+        slot = self._take_free(adapters)
         self.memory.seq_rm(slot)
         self.running[slot] = holder
+        self.adapters[slot] = adapters
         return slot
 
     def release(self, slot: int, kv_tokens: list[int] | None) -> None:
@@ -193,4 +235,5 @@ class SlotTable:
             return
         self.tree.remove(slot)
         self.memory.seq_rm(slot)
+        self.adapters.pop(slot, None)
         heapq.heappush(self.free, slot)

@@ -59,8 +59,9 @@ class StepPlan:
     per-sequence KV streams llama.cpp batches only consecutive ids into one ubatch)."""
 
     work: list[SeqWork] = field(default_factory=list)
-    # Room for what is coming: the LoRA adapters the step runs with, media embeddings to feed.
-    adapters: tuple[str, ...] = ()
+    # The named LoRA adapters (name, scale) every row runs with (shared/lora.py; empty: the base model), and
+    # room for what is coming: media embeddings to feed.
+    adapters: tuple[tuple[str, float], ...] = ()
     media: list[object] = field(default_factory=list)
 
     @property

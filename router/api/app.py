@@ -19,6 +19,12 @@ from router.api.auth import ALWAYS_OPEN, HEALTH_AND_METRICS, ApiKeyMiddleware, l
 from router.api.errors import APIError, install_error_handlers, retry_headers
 from router.api.limits import BodySizeLimit
 from router.api.metrics import RequestMetrics
+from router.endpoints.adapters import (
+    LoadLoraRequest,
+    UnloadLoraRequest,
+    load_lora_adapter,
+    unload_lora_adapter,
+)
 from router.endpoints.chat import create_chat_completion
 from router.endpoints.completions import create_completion
 from router.endpoints.embeddings import EmbeddingRequest, check_generation, create_embeddings
@@ -106,6 +112,17 @@ def create_app(
     @app.get("/v1/models", responses=docs.MODELS)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": registry.model_cards()}
+
+    @app.post("/v1/load_lora_adapter", responses=docs.LORA_ADMIN)
+    async def load_lora(body: LoadLoraRequest) -> dict[str, str]:
+        """Adapters loaded at run time join the first model's pool (vLLM's request names no base model)."""
+        if body.lora_name in registry.names:
+            raise APIError(400, f"{body.lora_name!r} is the name of a served model", param="lora_name")
+        return await load_lora_adapter(registry.default, body)
+
+    @app.post("/v1/unload_lora_adapter", responses=docs.LORA_ADMIN)
+    async def unload_lora(body: UnloadLoraRequest) -> dict[str, str]:
+        return await unload_lora_adapter(registry.default, body)
 
     @app.post("/v1/completions", responses=docs.COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Any:

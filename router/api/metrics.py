@@ -49,6 +49,12 @@ _WORKER_STATS = {
     "seq_ids_free": ("llamafleet_worker_seq_ids_free", "Free llama.cpp sequence ids", False),
     "prompt_tokens_total": ("llamafleet_worker_prompt_tokens", "Prompt tokens admitted", True),
     "generated_tokens_total": ("llamafleet_worker_generated_tokens", "Tokens sampled", True),
+    "adapters_loaded": ("llamafleet_worker_lora_adapters_loaded", "LoRA adapters loaded", False),
+    "adapter_switches_total": (
+        "llamafleet_worker_lora_adapter_switches",
+        "Engine steps that ran another LoRA adapter set than the step before",
+        True,
+    ),
     "steps_total": ("llamafleet_worker_steps", "Engine steps (llama_decode calls)", True),
     "decode_failures_total": (
         "llamafleet_worker_decode_failures",
@@ -152,6 +158,7 @@ class _WorkerCollector(Collector):
         yield layers
         yield from families.values()
         yield from _speculation_families(self._pools)
+        yield from _adapter_families(self._pools)
 
 
 def _speculation_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[CounterMetricFamily]:
@@ -188,6 +195,26 @@ def _speculation_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[Count
                 accepted_at.add_metric([label, str(position)], float(taken))
             steps.add_metric([label], float(stats.spec_steps_total))
     yield from (drafted, accepted, drafted_at, accepted_at, steps)
+
+
+def _adapter_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[CounterMetricFamily]:
+    """Requests and generated tokens per LoRA adapter name (`adapter=""`: the base model)."""
+    requests = CounterMetricFamily(
+        "llamafleet_worker_lora_requests", "Requests admitted, by LoRA adapter", labels=["worker", "adapter"]
+    )
+    tokens = CounterMetricFamily(
+        "llamafleet_worker_lora_generated_tokens",
+        "Tokens sampled, by LoRA adapter",
+        labels=["worker", "adapter"],
+    )
+    for prefix, dispatcher in pools:
+        for worker in dispatcher.workers.values():
+            label = f"{prefix}{worker.index}"
+            for name, count in worker.stats.adapter_requests_total.items():
+                requests.add_metric([label, name], float(count))
+            for name, count in worker.stats.adapter_tokens_total.items():
+                tokens.add_metric([label, name], float(count))
+    yield from (requests, tokens)
 
 
 class Metrics:

@@ -146,7 +146,19 @@ DETOKENIZE: Responses = {
     200: {"model": DetokenizeAnswer, "description": "The text"},
     **_errors(400, 404, 413),
 }
-MODELS: Responses = {200: {"model": ModelList, "description": "The models this server serves"}}
+MODELS: Responses = {
+    200: {
+        "model": ModelList,
+        "description": "The models this server serves and their named LoRA adapters (with `parent`)",
+    }
+}
+LORA_ADMIN: Responses = {
+    200: {
+        "description": "The adapter was loaded (or unloaded) on every ready worker",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    **_errors(400, 404, 413, 503),
+}
 HEALTH: Responses = {
     200: {"model": Health, "description": "Every model has a worker ready"},
     503: {**_error(503), "model": Health, "description": "Some model has no worker ready"},

@@ -29,6 +29,7 @@ from shared import curve, protocol
 from shared.config import Config
 from shared.ipc import IpcSockets
 from shared.protocol import (
+    AdapterReply,
     Cancel,
     EmbeddingsReply,
     EmbedRequest,
@@ -36,10 +37,12 @@ from shared.protocol import (
     FrameItem,
     Frames,
     Hello,
+    LoadAdapter,
     Ready,
     RouterMessage,
     Stats,
     SubmitRequest,
+    UnloadAdapter,
     WorkerInfo,
     WorkerMessage,
     WorkerStats,
@@ -70,6 +73,8 @@ class WorkerState:
     # Several router processes share this worker: its heartbeats' counts (every router's requests, a
     # heartbeat old) count as well as this router's own requests.
     shared: bool = False
+    # In-flight requests per named LoRA adapter: the router prefers a worker already running one.
+    adapter_load: dict[str, int] = field(default_factory=dict)
 
     @property
     def load(self) -> int:
@@ -92,9 +97,11 @@ class Pending:
         worker: int,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
         sequences: int = 1,
+        lora: str = "",
     ) -> None:
         self.rid = rid
         self.worker = worker
+        self.lora = lora
         self.sequences = sequences  # what admission charges it (see router/admission.py)
         # Several requests of one client call (one per prompt) may share a queue.
         self.queue: asyncio.Queue[FrameItem | WorkerFailure] = queue or asyncio.Queue()
@@ -124,6 +131,10 @@ class Dispatcher:
         self.on_ready: Callable[[int], None] | None = None
         self.on_unresponsive: Callable[[int, int], None] | None = None
         self._hello_sent: dict[int, float] = {}
+        # LoRA adapters loaded at run time (name -> path), sent to every worker that becomes ready; and
+        # the load / unload replies awaited, by (worker, adapter name, op).
+        self.runtime_adapters: Callable[[], dict[str, str]] = dict
+        self._adapter_waiters: dict[tuple[int, str, str], asyncio.Future[AdapterReply]] = {}
         # Loaded here, so a missing or unsafe key file is a config error before anything starts.
         self._keys = curve.load_router_keys(config.workers.keys_dir) if config.workers.keys_dir else None
         self._authenticator: ThreadAuthenticator | None = None
@@ -219,16 +230,18 @@ class Dispatcher:
         for pending in list(self.pending.values()):
             pending.queue.put_nowait(failure)
 
-    def pick_worker(self, prompt: list[int] | None = None) -> WorkerState:
-        """The worker most likely to hold the prompt's prefix, else the least-loaded ready one."""
+    def pick_worker(self, prompt: list[int] | None = None, lora: str = "") -> WorkerState:
+        """A worker already running the request's LoRA adapter, else the one most likely to hold the
+        prompt's prefix, else the least-loaded ready one."""
         candidates = self.up_workers()
         if not candidates:
             raise WorkerFailure(503, "worker_unavailable", "no worker is ready to serve requests")
         if prompt is None:
             return min(candidates, key=lambda w: (w.load, w.index))
-        chosen = self.router.choose(prompt, candidates)
+        chosen = self.router.choose(prompt, candidates, lora)
         assert isinstance(chosen, WorkerState)
-        self.router.record(prompt, chosen.index)
+        if not lora:  # the tree stands for base-model KV; adapter KV is steered by adapter affinity
+            self.router.record(prompt, chosen.index)
         return chosen
 
     def capacity(self) -> int:
@@ -261,8 +274,8 @@ class Dispatcher:
         request: SubmitRequest,
         queue: asyncio.Queue[FrameItem | WorkerFailure] | None = None,
     ) -> Pending:
-        worker = self.pick_worker(request.prompt)
-        return await self._dispatch(worker, request.rid, request, queue, request.n)
+        worker = self.pick_worker(request.prompt, request.lora)
+        return await self._dispatch(worker, request.rid, request, queue, request.n, request.lora)
 
     async def _dispatch(
         self,
@@ -271,11 +284,14 @@ class Dispatcher:
         message: RouterMessage,
         queue: asyncio.Queue[Any] | None,
         sequences: int = 1,
+        lora: str = "",
     ) -> Pending:
         """Registers a request on `worker` (so its replies and failures reach `queue`), sends it."""
-        pending = Pending(rid, worker.index, queue, sequences)
+        pending = Pending(rid, worker.index, queue, sequences, lora)
         self.pending[rid] = pending
         worker.in_flight.add(rid)
+        if lora:
+            worker.adapter_load[lora] = worker.adapter_load.get(lora, 0) + 1
         await self._send(worker.index, message)
         return pending
 
@@ -325,6 +341,10 @@ class Dispatcher:
         worker = self.workers.get(pending.worker)
         if worker is not None:
             worker.in_flight.discard(rid)
+            if pending.lora and worker.adapter_load.get(pending.lora, 0) > 0:
+                worker.adapter_load[pending.lora] -= 1
+                if not worker.adapter_load[pending.lora]:
+                    del worker.adapter_load[pending.lora]
 
     async def _send(self, index: int, message: RouterMessage) -> None:
         assert self._requests is not None
@@ -393,6 +413,11 @@ class Dispatcher:
             if pending is not None:
                 pending.queue.put_nowait(WorkerFailure(message.status, message.kind, message.message))
             return
+        if isinstance(message, AdapterReply):
+            waiter = self._adapter_waiters.pop((message.worker, message.name, message.op), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
+            return
         worker = self.workers.setdefault(
             message.worker, WorkerState(message.worker, shared=self.shared_workers)
         )
@@ -402,6 +427,7 @@ class Dispatcher:
                 log.info("worker %d ready (pid %d)", worker.index, message.pid)
             worker.pid = message.pid
             worker.info = message.info
+            self._send_runtime_adapters(worker.index)  # queued ahead of any request routed to it
             worker.up = True
             self.ready_event.set()
             if self.on_ready is not None:
@@ -410,6 +436,42 @@ class Dispatcher:
             if worker.up and worker.pid and message.pid != worker.pid:
                 return  # a late heartbeat from a previous process of this index
             worker.stats = message.counters
+
+    def _send_runtime_adapters(self, index: int) -> None:
+        """A (re)started worker loads the adapters loaded at run time (its replies need no waiter)."""
+        if self._requests is None:
+            return
+        for name, path in self.runtime_adapters().items():
+            payload = self._codec.encode(LoadAdapter(name, path))
+            with contextlib.suppress(zmq.ZMQError):
+                self._requests.send_multipart([protocol.worker_identity(index), payload])
+
+    async def adapter_broadcast(
+        self, message: LoadAdapter | UnloadAdapter, timeout: float
+    ) -> dict[int, AdapterReply | None]:
+        """Sends a load / unload to every ready worker; each one's reply, None where none came in time."""
+        op = "load" if isinstance(message, LoadAdapter) else "unload"
+        loop = asyncio.get_running_loop()
+        waiters: dict[int, asyncio.Future[AdapterReply]] = {}
+        for worker in self.up_workers():
+            future: asyncio.Future[AdapterReply] = loop.create_future()
+            self._adapter_waiters[(worker.index, message.name, op)] = future
+            waiters[worker.index] = future
+            try:
+                await self._send(worker.index, message)
+            except WorkerFailure:
+                future.cancel()
+        replies: dict[int, AdapterReply | None] = {}
+        for index, future in waiters.items():
+            replies[index] = None
+            try:
+                if not future.cancelled():  # cancelled: the send failed (the worker is down)
+                    replies[index] = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._adapter_waiters.pop((index, message.name, op), None)
+        return replies
 
     async def _watchdog(self) -> None:
         timeout = self.config.workers.heartbeat_timeout_seconds

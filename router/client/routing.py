@@ -32,6 +32,9 @@ class Routable(Protocol):
     @property
     def slots(self) -> int: ...
 
+    @property
+    def adapter_load(self) -> dict[str, int]: ...
+
 
 class PrefixRouter:
     def __init__(
@@ -46,9 +49,14 @@ class PrefixRouter:
         self._ids = itertools.count()
         self._turns = itertools.count()
 
-    def choose(self, prompt: Sequence[int], workers: Sequence[Routable]) -> Routable:
+    def choose(self, prompt: Sequence[int], workers: Sequence[Routable], lora: str = "") -> Routable:
         if len(workers) < 2:
             return workers[0]
+        if lora:  # a worker already running the adapter batches the request with its others
+            running = [w for w in workers if w.adapter_load.get(lora) and w.load < w.slots]
+            if running:
+                return min(running, key=lambda w: (w.load, w.index))
+            return self._least_loaded(prompt, workers)
         if not self.enabled:  # least loaded, ties taken in turn
             lowest = min(w.load for w in workers)
             tied = [w for w in workers if w.load == lowest]

@@ -118,6 +118,8 @@ def _encode(vector: npt.NDArray[np.float32], encoding_format: str) -> Any:
 
 async def create_embeddings(state: ServerState, body: EmbeddingRequest) -> Response:
     state.check_model(body.model)
+    if body.model and state.adapters.knows(body.model):
+        raise APIError(400, "embeddings are computed by the base model, not a LoRA adapter", param="model")
     info = state.info()
     limit = info.embed.max_tokens
     if limit <= 0:

@@ -36,6 +36,7 @@ _MEDIA_PARTS = frozenset(
 _MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
 # llama.cpp sampling extensions a client may send beside the Responses fields.
 _FORWARDED = (
+    "lora_scale",
     "top_k",
     "min_p",
     "typical_p",

@@ -198,6 +198,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     meta: ModelMeta | None = None
+    parent: str | None = Field(default=None, description="a LoRA adapter's base model")
+    root: str | None = Field(default=None, description="a LoRA adapter's file")
 
 
 class TokenPiece(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.api.unicode_check import UnicodeCheckedModel
+from shared.config import LORA_SCALE_LIMIT
 
 _LENIENT = ConfigDict(extra="allow")
 
@@ -74,6 +75,8 @@ class SamplingFields(UnicodeCheckedModel):
     response_format: ResponseFormat | None = None
     # llamafleet: false keeps this request out of speculative decoding (README: speculative decoding).
     speculative: bool = True
+    # llamafleet: the scale of the LoRA adapter that `model` names (0 to model.lora_max_scale).
+    lora_scale: float | None = Field(default=None, ge=0.0, le=LORA_SCALE_LIMIT, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod
