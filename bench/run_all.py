@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, prefix, serving, speculative, step_overhead, vs_llama_server, wire
 
 
 def main() -> None:
@@ -10,6 +10,8 @@ def main() -> None:
     serving.main([])
     print("\n== prefix caching ==")
     prefix.main([])
+    print("\n== speculative decoding: prompt lookup, predicted outputs ==")
+    speculative.main([])
     print("\n== host overhead per engine step ==")
     step_overhead.main([])
     print("\n== wire format: frames messages ==")
