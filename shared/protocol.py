@@ -215,7 +215,7 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's last item only: its prompt tokens served from a prefix cache (the router counts
     # prompt and completion tokens itself).
     cached_tokens: int | None = None
-    # Set on the last item of a request with a predicted output: its (accepted, rejected) prediction tokens.
+    # Requests with a predicted output: the (accepted, rejected) prediction tokens so far.
     prediction_tokens: tuple[int, int] | None = None
 
 

@@ -465,13 +465,13 @@ class Scheduler:
                 finish = FINISH_LENGTH
                 break
         cached_tokens = None  # set on the request's last item
-        prediction = None
+        prediction = None  # running totals: a stop string can end the request at any item
+        if submit.prediction is not None:
+            prediction = (request.prediction_accepted, request.prediction_rejected)
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
                 cached_tokens = request.cached_tokens
-                if submit.prediction is not None:
-                    prediction = (request.prediction_accepted, request.prediction_rejected)
                 self._release(request)
         items.append(
             FrameItem(submit.rid, seq.choice, tokens, logprobs or None, finish, cached_tokens, prediction)
