@@ -20,7 +20,9 @@ import msgspec
 
 # 2: msgspec Structs in a [version, message] envelope; dead fields gone (submit priority and
 # stop_token_ids, the frames' step, ready's model, the frame usage's token counts); `shutdown` removed.
-PROTOCOL_VERSION = 2
+# 3: speculative decoding: submit `prediction` and `speculative`, the frame item's `prediction_tokens`, the
+# stats' `spec_*` counters.
+PROTOCOL_VERSION = 3
 
 # Finish reasons a worker reports.
 FINISH_STOP = "stop"
