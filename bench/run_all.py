@@ -10,6 +10,7 @@ from bench import (
     prefix,
     router_capacity,
     serving,
+    speculative,
     step_overhead,
     vs_llama_server,
     wire,
@@ -21,6 +22,8 @@ def main() -> None:
     serving.main([])
     print("\n== prefix caching ==")
     prefix.main([])
+    print("\n== speculative decoding: prompt lookup, predicted outputs ==")
+    speculative.main([])
     print("\n== host overhead per engine step ==")
     step_overhead.main([])
     print("\n== wire format: frames messages ==")

@@ -70,13 +70,20 @@ def make_prompts(
     return prompts
 
 
-async def _one(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, result: LoadResult) -> None:
+async def _one(
+    client: httpx.AsyncClient,
+    prompt: list[int],
+    max_tokens: int,
+    result: LoadResult,
+    extra: dict[str, Any] | None = None,
+) -> None:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        **(extra or {}),
     }
     started = time.perf_counter()
     last: float | None = None
@@ -99,7 +106,14 @@ async def _one(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, re
     result.output_tokens += max_tokens
 
 
-async def run_load(base_url: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> LoadResult:
+async def run_load(
+    base_url: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    concurrency: int,
+    extra: dict[str, Any] | None = None,
+) -> LoadResult:
+    """`extra`: fields added to every request body."""
     result = LoadResult(0.0, len(prompts), 0)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
@@ -107,7 +121,7 @@ async def run_load(base_url: str, prompts: list[list[int]], max_tokens: int, con
 
         async def guarded(prompt: list[int]) -> None:
             async with semaphore:
-                await _one(client, prompt, max_tokens, result)
+                await _one(client, prompt, max_tokens, result, extra)
 
         started = time.perf_counter()
         await asyncio.gather(*(guarded(p) for p in prompts))

@@ -20,7 +20,9 @@ import msgspec
 
 # 2: msgspec Structs in a [version, message] envelope; dead fields gone (submit priority and
 # stop_token_ids, the frames' step, ready's model, the frame usage's token counts); `shutdown` removed.
-PROTOCOL_VERSION = 2
+# 3: speculative decoding: submit `prediction` and `speculative`, the frame item's `prediction_tokens`, the
+# stats' `spec_*` counters.
+PROTOCOL_VERSION = 3
 
 # Finish reasons a worker reports.
 FINISH_STOP = "stop"
@@ -269,7 +271,7 @@ class FrameItem(msgspec.Struct, array_like=True, frozen=True, gc=False):
     # Set on a request's first item when it had media: the prompt tokens the media added (the router
     # counts only the text tokens it sent).
     media_tokens: int | None = None
-    # Set on the last item of a request with a predicted output: its (accepted, rejected) prediction tokens.
+    # Requests with a predicted output: the (accepted, rejected) prediction tokens so far.
     prediction_tokens: tuple[int, int] | None = None
 
 

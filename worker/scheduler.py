@@ -514,13 +514,13 @@ class Scheduler:
         cached_tokens = None  # set on the request's last item
         # On the request's first item, so the router counts it even when a stop string ends it early.
         media_tokens = request.media.report_added() if request.media is not None else None
-        prediction = None
+        prediction = None  # running totals: a stop string can end the request at any item
+        if submit.prediction is not None:
+            prediction = (request.prediction_accepted, request.prediction_rejected)
         if finish is not None:
             self._finish_sequence(seq)
             if all(s.finished for s in request.sequences):
                 cached_tokens = request.cached_tokens
-                if submit.prediction is not None:
-                    prediction = (request.prediction_accepted, request.prediction_rejected)
                 self._release(request)
         items.append(
             FrameItem(

@@ -109,6 +109,7 @@ class Generation:
         ttft = self.metrics.ttft.labels(self.endpoint)  # looked up once, observed per token
         itl = self.metrics.itl.labels(self.endpoint)
         open_requests = {s.rid: s.n for s in self.submits}
+        predictions: dict[str, tuple[int, int]] = {}
         by_rid = {s.rid: s for s in self._pending}
         try:
             while open_requests:
@@ -132,11 +133,11 @@ class Generation:
                     self.usage.cached_tokens += item.cached_tokens
                 if item.media_tokens is not None:
                     self.usage.prompt_tokens += item.media_tokens
-                if item.prediction_tokens is not None:
-                    accepted, rejected = self.usage.prediction or (0, 0)
+                if item.prediction_tokens is not None:  # running totals of this worker request
+                    predictions[item.rid] = item.prediction_tokens
                     self.usage.prediction = (
-                        accepted + item.prediction_tokens[0],
-                        rejected + item.prediction_tokens[1],
+                        sum(p[0] for p in predictions.values()),
+                        sum(p[1] for p in predictions.values()),
                     )
                 if delta.finish_reason is not None:
                     choice.finished = True
@@ -157,14 +158,25 @@ class Generation:
         texts: list[str] = []
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
-        self.usage.completion_tokens += len(item.token_ids) + (1 if item.finish == FINISH_STOP else 0)
-        raw = "".join(texts)
+        pieces = list(texts) or [""]
         if item.finish is not None:
-            raw += choice.detokenizer.flush()
-        text = choice.stopper.feed(raw)
+            pieces[-1] += choice.detokenizer.flush()
+        # Token by token through the stop strings: an item can carry several tokens (verified drafts),
+        # and what follows a stop string is dropped and not counted, exactly as if it had never been made.
+        kept = len(item.token_ids)
+        out: list[str] = []
+        for index, piece in enumerate(pieces):
+            out.append(choice.stopper.feed(piece))
+            if choice.stopper.matched is not None:
+                kept = min(kept, index + 1)
+                break
+        text = "".join(out)
         finish = item.finish
-        if choice.stopper.matched is not None:
+        matched = choice.stopper.matched is not None
+        if matched:
             finish = FINISH_STOP
         elif finish is not None:
             text += choice.stopper.flush()
-        return ChoiceDelta(choice.index, text, list(item.token_ids), texts, item.logprobs, finish)
+        self.usage.completion_tokens += kept + (1 if item.finish == FINISH_STOP and not matched else 0)
+        logprobs = item.logprobs[:kept] if item.logprobs is not None else None
+        return ChoiceDelta(choice.index, text, list(item.token_ids[:kept]), texts[:kept], logprobs, finish)

@@ -204,3 +204,21 @@ def test_sampled_distribution_is_the_targets(server: Server) -> None:
     time.sleep(1.2)  # a heartbeat
     assert metric(server, "llamafleet_spec_accepted_tokens_total", 'provider="prediction"') > 20
     idle(server)
+
+
+def test_a_stop_string_inside_accepted_drafts_cuts_text_usage_and_logprobs(server: Server) -> None:
+    """Drafts accepted past a stop string are dropped and not counted, as if never generated."""
+    client = server.client()
+    ascii_only = {"grammar": "root ::= [a-z ]+"}
+    full = chat(client, False, max_tokens=60, temperature=0, extra_body=ascii_only).choices[0].message.content
+    stop = full[30:33]
+    kwargs: dict[str, Any] = {"max_tokens": 60, "temperature": 0, "stop": [stop], "logprobs": True}
+    plain = chat(client, False, extra_body=ascii_only, **kwargs)
+    predicted = {"prediction": {"type": "content", "content": full}, **ascii_only}
+    spec = chat(client, True, extra_body=predicted, **kwargs)
+    assert spec.choices[0].message.content == plain.choices[0].message.content == full[: full.index(stop)]
+    assert spec.choices[0].finish_reason == plain.choices[0].finish_reason == "stop"
+    assert spec.usage.completion_tokens == plain.usage.completion_tokens
+    assert len(spec.choices[0].logprobs.content) == len(plain.choices[0].logprobs.content)
+    assert spec.usage.completion_tokens_details.accepted_prediction_tokens > 0
+    idle(server)

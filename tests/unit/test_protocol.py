@@ -163,9 +163,9 @@ def test_router_codec_refuses(payload: bytes) -> None:
 
 def test_other_versions_are_named() -> None:
     codec = protocol.worker_codec()
-    with pytest.raises(protocol.ProtocolError, match="protocol version 1 != 2"):
+    with pytest.raises(protocol.ProtocolError, match=f"protocol version 1 != {protocol.PROTOCOL_VERSION}"):
         codec.decode(BAD_FOR_WORKER["version 1 map"])
-    with pytest.raises(protocol.ProtocolError, match="protocol version 99 != 2"):
+    with pytest.raises(protocol.ProtocolError, match=f"protocol version 99 != {protocol.PROTOCOL_VERSION}"):
         codec.decode(BAD_FOR_WORKER["other version"])
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from shared.config import ConfigError, ModelOptions
 from worker.engine import LlamaEngine
 from worker.speculative.base import Drafter
-from worker.speculative.control import Speculation
+from worker.speculative.control import DEFAULT_MAX_BATCH, Speculation
 from worker.speculative.mtp import build_mtp
 from worker.speculative.prediction import PredictionDrafter
 from worker.speculative.prompt_lookup import PromptLookup
@@ -43,12 +43,11 @@ def build_speculation(options: ModelOptions, engine: LlamaEngine) -> Speculation
     """The worker's speculation, or None when the model cannot roll back and none is configured."""
     k = options.draft_model_num_pred_tokens
     info = engine.info
+    max_batch = options.draft_model_max_batch_size or DEFAULT_MAX_BATCH
     if options.draft_model is None:
         if info.recurrent or engine.embedding:
             return None
-        return Speculation(
-            None, min(k, info.n_batch - 1), options.draft_model_max_batch_size, PredictionDrafter()
-        )
+        return Speculation(None, min(k, info.n_batch - 1), max_batch, PredictionDrafter())
     if info.recurrent:
         raise ConfigError(
             f"model.draft_model {options.draft_model!r}: this model's memory is recurrent (or hybrid) and "
@@ -62,4 +61,4 @@ def build_speculation(options: ModelOptions, engine: LlamaEngine) -> Speculation
     if builder is None:
         raise ConfigError(f"model.draft_model {options.draft_model!r} is not available in this build")
     drafter = builder(options, engine)
-    return Speculation(drafter, k, options.draft_model_max_batch_size, PredictionDrafter())
+    return Speculation(drafter, k, max_batch, PredictionDrafter())

@@ -1,0 +1,271 @@
+"""Speculative decoding benchmarks: `python -m bench.speculative` (Gemma 3 270M, the real service).
+
+One server with `draft_model: prompt-lookup-decoding`; the baseline is the same server with speculation
+off (each request's `speculative: false`), measured in the same run, rounds alternating.
+
+1. copying: a fresh ~150-word document per request, asked to be repeated; greedy, concurrency 1, 128
+   output tokens (ignore_eos): prompt lookup on vs off, tokens/s (bar >= 2.0x).
+2. editing: the same documents with a small edit asked for, `prediction` = the original text (OpenAI
+   predicted outputs), vs no prediction and speculation off (bar >= 2.5x).
+3. serving: distinct prompts (bench/serving.py's), 64 output tokens, concurrency 16, on vs off (bar >=
+   0.97x).
+Each prints acceptance rates from /metrics. Machines here are noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.serving import make_prompts, run_load
+from shared.config import load_config
+from shared.models import resolve_model_path
+from shared.vocab import Vocab
+
+WORDS = [
+    "river",
+    "market",
+    "winter",
+    "garden",
+    "letter",
+    "station",
+    "bridge",
+    "village",
+    "morning",
+    "engine",
+    "teacher",
+    "window",
+    "harbour",
+    "council",
+    "summer",
+    "library",
+    "mountain",
+    "doctor",
+    "kitchen",
+    "museum",
+    "forest",
+    "island",
+    "painter",
+    "captain",
+    "factory",
+    "orchard",
+    "theatre",
+    "soldier",
+    "valley",
+    "lantern",
+    "merchant",
+    "journey",
+    "festival",
+    "meadow",
+    "castle",
+    "weather",
+    "traveller",
+    "student",
+    "farmer",
+    "chapel",
+    "quarry",
+    "tower",
+    "canal",
+    "workshop",
+    "bakery",
+    "lighthouse",
+    "vineyard",
+    "archive",
+]
+VERBS = [
+    "opened",
+    "closed",
+    "visited",
+    "repaired",
+    "painted",
+    "described",
+    "counted",
+    "carried",
+    "found",
+    "watched",
+]
+
+
+def document(seed: int, words: int = 150) -> str:
+    """A fresh ~`words`-word document (plain sentences from a seeded generator)."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    count = 0
+    while count < words:
+        a, b = rng.sample(WORDS, 2)
+        sentence = f"The {a} near the old {b} was {rng.choice(VERBS)} by {rng.randint(2, 99)} people"
+        sentence += f" on a {rng.choice(['cold', 'bright', 'quiet', 'busy'])} {rng.choice(WORDS)} day."
+        sentences.append(sentence)
+        count += len(sentence.split())
+    return " ".join(sentences)
+
+
+@dataclass
+class Timed:
+    seconds: float = 0.0
+    tokens: int = 0
+    accepted_prediction: int = 0
+    rejected_prediction: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+async def _chat(client: httpx.AsyncClient, body: dict[str, Any], out: Timed) -> None:
+    started = time.perf_counter()
+    response = await client.post("/v1/chat/completions", json=body)
+    response.raise_for_status()
+    out.seconds += time.perf_counter() - started
+    usage = response.json()["usage"]
+    out.tokens += usage["completion_tokens"]
+    details = usage.get("completion_tokens_details") or {}
+    out.accepted_prediction += details.get("accepted_prediction_tokens", 0)
+    out.rejected_prediction += details.get("rejected_prediction_tokens", 0)
+
+
+def _bodies(seeds: range, edit: bool, speculative: bool, predict: bool) -> list[dict[str, Any]]:
+    bodies = []
+    for seed in seeds:
+        doc = document(seed)
+        if edit:
+            ask = "Rewrite the document below, changing every 'people' to 'visitors'. Keep everything else."
+        else:
+            ask = "Repeat the document below exactly, word for word."
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": f"{ask}\n\n{doc}"}],
+            "max_tokens": 128,
+            "temperature": 0,
+            "ignore_eos": True,
+            "speculative": speculative,
+        }
+        if predict:
+            body["prediction"] = {"type": "content", "content": doc}
+        bodies.append(body)
+    return bodies
+
+
+async def _sequential(base_url: str, bodies: list[dict[str, Any]]) -> Timed:
+    out = Timed()
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        for body in bodies:
+            await _chat(client, body, out)
+    return out
+
+
+def _spec_counters(metrics_text: str) -> dict[str, float]:
+    counters: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("llamafleet_spec_"):
+            name, _, value = line.rpartition(" ")
+            counters[name] = float(value)
+    return counters
+
+
+def _acceptance(before: dict[str, float], after: dict[str, float], provider: str) -> str:
+    def delta(kind: str) -> float:
+        key = f'llamafleet_spec_{kind}_tokens_total{{provider="{provider}",worker="0"}}'
+        alt = f'llamafleet_spec_{kind}_tokens_total{{worker="0",provider="{provider}"}}'
+        return after.get(key, after.get(alt, 0.0)) - before.get(key, before.get(alt, 0.0))
+
+    drafted, accepted = delta("drafted"), delta("accepted")
+    rate = accepted / drafted if drafted else 0.0
+    return f"{provider}: drafted {drafted:.0f}, accepted {accepted:.0f} ({rate:.1%})"
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-C", "--config", default="configs/gemma-3-270m.json")
+    parser.add_argument("--documents", type=int, default=4, help="requests per round and workload")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=32, help="serving workload requests")
+    parser.add_argument("--num-pred-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from tests.integration.server import run_server
+
+    config = load_config(args.config)
+    model_path = resolve_model_path(config.model)
+    vocab = Vocab.load(model_path)
+    serving_prompts = [make_prompts(vocab, args.requests, 130, tag=f"spec{r}-") for r in range(args.rounds)]
+    vocab.close()
+    model = config.model.model_dump(exclude_none=True)
+    model.update(draft_model="prompt-lookup-decoding", draft_model_num_pred_tokens=args.num_pred_tokens)
+    best: dict[str, Timed] = {}
+    acceptance: list[str] = []
+    n = args.documents
+
+    def keep(name: str, result: Timed) -> None:
+        if name not in best or result.rate > best[name].rate:
+            best[name] = result
+
+    # Passive OpenMP threads: on a shared, loaded machine spinning threads distort both sides.
+    with run_server(model, api_key=None, passive_threads=True) as server:
+        asyncio.run(_sequential(server.base_url, _bodies(range(1000, 1001), False, True, False)))  # warm-up
+        metrics = httpx.Client(base_url=server.base_url, timeout=30)
+        for r in range(args.rounds):
+            seeds = range(r * n, (r + 1) * n)
+            keep("copy off", asyncio.run(_sequential(server.base_url, _bodies(seeds, False, False, False))))
+            before = _spec_counters(metrics.get("/metrics").text)
+            keep("copy on", asyncio.run(_sequential(server.base_url, _bodies(seeds, False, True, False))))
+            time.sleep(1.5)  # a heartbeat carries the counters
+            if r == args.rounds - 1:
+                acceptance.append(
+                    "copying  "
+                    + _acceptance(
+                        before, _spec_counters(metrics.get("/metrics").text), "prompt-lookup-decoding"
+                    )
+                )
+            seeds = range(100 + r * n, 100 + (r + 1) * n)
+            keep("edit off", asyncio.run(_sequential(server.base_url, _bodies(seeds, True, False, False))))
+            before = _spec_counters(metrics.get("/metrics").text)
+            keep("edit on", asyncio.run(_sequential(server.base_url, _bodies(seeds, True, True, True))))
+            time.sleep(1.5)
+            if r == args.rounds - 1:
+                acceptance.append(
+                    "editing  "
+                    + _acceptance(before, _spec_counters(metrics.get("/metrics").text), "prediction")
+                )
+        serving: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(args.rounds):
+            for on in (False, True):
+                prompts = serving_prompts[r]
+                result = asyncio.run(run_load(server.base_url, prompts, 64, 16, extra={"speculative": on}))
+                serving[on].append(result.output_tokens / result.seconds)
+        after = _spec_counters(metrics.get("/metrics").text)
+        steps = after.get('llamafleet_spec_steps_total{worker="0"}', 0.0)
+        metrics.close()
+
+    copy = best["copy on"].rate / best["copy off"].rate
+    edit = best["edit on"].rate / best["edit off"].rate
+    serve = max(serving[True]) / max(serving[False])
+    print(
+        f"model {model_path.name}, draft_model_num_pred_tokens {args.num_pred_tokens}, "
+        f"best of {args.rounds} rounds"
+    )
+    for name in ("copy off", "copy on", "edit off", "edit on"):
+        print(f"  {name:9s}: {best[name].rate:7.1f} tok/s")
+    print(f"copying (prompt lookup, concurrency 1): on/off = {copy:.2f}x (bar >= 2.0)")
+    print(f"editing (prediction, concurrency 1):    on/off = {edit:.2f}x (bar >= 2.5)")
+    print(
+        f"  prediction tokens accepted {best['edit on'].accepted_prediction}, "
+        f"rejected {best['edit on'].rejected_prediction}"
+    )
+    print(
+        f"serving (distinct prompts, concurrency 16): on {max(serving[True]):.1f} / off "
+        f"{max(serving[False]):.1f} tok/s = {serve:.3f}x (bar >= 0.97)"
+    )
+    for line in acceptance:
+        print(f"acceptance, {line}")
+    print(f"steps with speculation: {steps:.0f}")
+    return {"copy": copy, "edit": edit, "serving": serve}
+
+
+if __name__ == "__main__":
+    main()
