@@ -59,12 +59,18 @@ def test_requests_route_by_model(two_models: Server) -> None:
     a, b = _chat(two_models, "tiny-a"), _chat(two_models, "tiny-b")
     assert a and b and a != b  # two different models answered
     assert _chat(two_models, "tiny-a") == a and _chat(two_models, "tiny-b") == b  # greedy: the same again
-    metrics = two_models.metrics()
-    assert metrics['llamafleet_worker_generated_tokens_total{worker="tiny-a/0"}'] > 0
-    generated_b = sum(
-        metrics[f'llamafleet_worker_generated_tokens_total{{worker="tiny-b/{i}"}}'] for i in (0, 1)
-    )
-    assert generated_b > 0
+    # Worker counters reach the router with heartbeats: wait for one that counts these requests.
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = two_models.metrics()
+        generated_a = metrics['llamafleet_worker_generated_tokens_total{worker="tiny-a/0"}']
+        generated_b = sum(
+            metrics[f'llamafleet_worker_generated_tokens_total{{worker="tiny-b/{i}"}}'] for i in (0, 1)
+        )
+        if (generated_a > 0 and generated_b > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert generated_a > 0 and generated_b > 0
     # The completions endpoint and a streamed chat go by `model` too.
     completion = two_models.client().completions.create(
         model="tiny-b", prompt="abc", max_tokens=4, temperature=0
