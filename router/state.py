@@ -14,6 +14,7 @@ from router.client.dispatch import Dispatcher
 from router.parsers import ResponseSchemaParser
 from router.preprocess.offload import Preparer
 from router.preprocess.templating import ChatTemplate, TemplateError
+from router.structured.budget import check_budget
 from router.structured.response_format import check_grammar_size
 from shared.config import Config
 from shared.models import resolve_model_path
@@ -196,6 +197,7 @@ def make_submit(
     grammar: str | None = None,
     grammar_triggers: list[str] | None = None,
     format_param: str = "response_format",
+    limit_param: str = "max_tokens",
 ) -> SubmitRequest:
     sampling = sampling_from(request)
     for token, _ in sampling.logit_bias:
@@ -208,6 +210,9 @@ def make_submit(
         raise APIError(
             400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"
         )
+    budget_close = state.config.model.structured_budget
+    if grammar is not None and budget_close:
+        check_budget(grammar, bool(grammar_triggers), max_tokens, state.vocab, limit_param)
     return SubmitRequest(
         rid=rid,
         prompt=prompt,
@@ -218,4 +223,5 @@ def make_submit(
         logprobs=logprobs,
         grammar=grammar,
         grammar_triggers=list(grammar_triggers or []),
+        budget_close=budget_close,
     )

@@ -170,6 +170,8 @@ class ModelOptions(BaseModel):
     type_v: int | None = None
     max_seq_len: int | None = None
     max_output_tokens: int | None = Field(default=None, ge=0)
+    # Grammar-constrained answers end on a complete document within their token budget (worker/budget.py).
+    structured_budget: bool = True
     kv_unified: bool = True
     # Keep finished sequences' KV and reuse shared prompt prefixes (llamafleet; not in the seed).
     prefix_cache: bool = True

@@ -26,6 +26,8 @@ PROTOCOL_VERSION = 2
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+# Worker -> router only: stopped on a complete document the token budget steered (the client sees "stop").
+FINISH_BUDGET = "budget"
 
 
 class ProtocolError(ValueError):
@@ -79,6 +81,9 @@ class SubmitRequest(_Message, tag="submit"):
     # Regexes on the generated text; the grammar engages at the first match (lazy tool/reasoning grammars,
     # see worker/sampling.py).
     grammar_triggers: list[str] = msgspec.field(default_factory=list)
+    # End a (non-lazy) grammar's document within max_tokens, steering onto its shortest completion
+    # (worker/budget.py); a sequence it closed finishes with FINISH_BUDGET.
+    budget_close: bool = True
 
 
 class Cancel(_Message, tag="cancel"):

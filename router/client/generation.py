@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from router.api.metrics import Metrics
 from router.client.detokenizer import IncrementalDetokenizer, StopMatcher
 from router.client.dispatch import Dispatcher, Pending, WorkerFailure
-from shared.protocol import FINISH_STOP, FrameItem, SubmitRequest, TokenLogprob
+from shared.protocol import FINISH_BUDGET, FINISH_STOP, FrameItem, SubmitRequest, TokenLogprob
 from shared.vocab import Vocab
 
 
@@ -29,6 +29,7 @@ class ChoiceDelta:
     token_texts: list[str]
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
+    budget_closed: bool = False  # the worker steered this choice onto a complete document (budget)
 
 
 @dataclass
@@ -137,14 +138,17 @@ class Generation:
         texts: list[str] = []
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
-        self.usage.completion_tokens += len(item.token_ids) + (1 if item.finish == FINISH_STOP else 0)
+        closed = item.finish == FINISH_BUDGET
+        finish = FINISH_STOP if closed else item.finish
+        if closed:
+            self.metrics.budget_closed.labels(self.endpoint).inc()
+        self.usage.completion_tokens += len(item.token_ids) + (1 if finish == FINISH_STOP else 0)
         raw = "".join(texts)
         if item.finish is not None:
             raw += choice.detokenizer.flush()
         text = choice.stopper.feed(raw)
-        finish = item.finish
         if choice.stopper.matched is not None:
             finish = FINISH_STOP
         elif finish is not None:
             text += choice.stopper.flush()
-        return ChoiceDelta(choice.index, text, list(item.token_ids), texts, item.logprobs, finish)
+        return ChoiceDelta(choice.index, text, list(item.token_ids), texts, item.logprobs, finish, closed)

@@ -111,8 +111,10 @@ async def _collect(
     count = len(generation.submits) * body.n
     texts = [_echo_text(state, body, i, body.n) for i in range(count)]
     finish: list[str | None] = [None] * count
+    closed = [False] * count
     logprobs = [_LogprobsAccumulator() for _ in range(count)]
     async for delta in generation.events():
+        closed[delta.index] |= delta.budget_closed
         if body.logprobs is not None and delta.logprobs:
             part = _logprobs_of(state, delta, len(texts[delta.index]))
             acc = logprobs[delta.index]
@@ -129,6 +131,7 @@ async def _collect(
             "text": texts[i],
             "logprobs": logprobs[i].to_openai() if body.logprobs is not None else None,
             "finish_reason": finish[i],
+            **({"budget_closed": True} if closed[i] else {}),
         }
         for i in range(count)
     ]
@@ -154,8 +157,12 @@ async def _stream(
     count = len(generation.submits) * body.n
     offsets = [0] * count
 
-    def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
+    def chunk(
+        index: int, text: str, logprobs: Any, finish: str | None, closed: bool = False
+    ) -> dict[str, Any]:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if closed:
+            choice["budget_closed"] = True
         extra = {"usage": None} if body.include_usage else {}
         return openai_object("text_completion", completion_id, created, state.model_name, [choice], **extra)
 
@@ -169,7 +176,7 @@ async def _stream(
         if body.logprobs is not None and delta.logprobs:
             logprobs = _logprobs_of(state, delta, offsets[delta.index]).to_openai()
         offsets[delta.index] += len(delta.text)
-        yield chunk(delta.index, delta.text, logprobs, delta.finish_reason)
+        yield chunk(delta.index, delta.text, logprobs, delta.finish_reason, delta.budget_closed)
     if body.include_usage:
         yield openai_object(
             "text_completion",

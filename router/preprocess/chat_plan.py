@@ -202,6 +202,7 @@ def chat_generation(
         grammar.grammar if grammar else None,
         grammar.triggers if grammar else None,
         fields.response_format,
+        fields.max_tokens,
     )
     generation = Generation(
         state.dispatcher,
