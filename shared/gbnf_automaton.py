@@ -434,6 +434,32 @@ class Automaton:
         text = self._text_at[pos] = b"".join(parts)
         return text
 
+    def _continuations(self, state: State) -> list[bytes]:
+        """Bytes finishing the unfinished UTF-8 character of `state` with a character some stack's
+        top accepts (the lowest such code point per stack)."""
+        pending = state.pending
+        size = 2 if pending[0] < 0xE0 else 3 if pending[0] < 0xF0 else 4
+        missing = size - len(pending)
+        low = max(_decode_lenient(pending + b"\x80" * missing), {2: 0x80, 3: 0x800, 4: 0x10000}[size])
+        high = _decode_lenient(pending + b"\xbf" * missing)
+        out: list[bytes] = []
+        for stack in sorted(state.stacks):
+            if not stack:
+                continue
+            ranges, negated = self._cls[stack[-1]]
+            spans = [(max(a, low), min(b, high)) for a, b in ranges] if not negated else [(low, high)]
+            for a, b in spans:
+                cp = next((c for c in range(a, min(b, a + 4096) + 1) if self._char_ok(stack[-1], c)), None)
+                if cp is not None:
+                    encoded = chr(cp).encode("utf-8")
+                    if encoded.startswith(pending):
+                        out.append(encoded[len(pending) :])
+                        break
+        return list(dict.fromkeys(out))
+
+    def _char_ok(self, pos: int, cp: int) -> bool:
+        return not 0xD800 <= cp <= 0xDFFF and self._matches(pos, cp)
+
     def completion_cost(self, state: State) -> int:
         """Bytes of the shortest completion (pending UTF-8 bytes included); huge when dead."""
         best = _INF
@@ -447,7 +473,7 @@ class Automaton:
         An unfinished UTF-8 character is completed first (with the smallest continuation the grammar
         accepts)."""
         if state.pending:
-            for tail in _continuations(state.pending):
+            for tail in self._continuations(state):
                 after = self.advance(state, tail)
                 if not after.dead:
                     rest = self.completion(after)
@@ -464,20 +490,14 @@ class Automaton:
         return b"".join(self._text_from(p) for p in reversed(best))
 
 
-def _continuations(pending: bytes) -> list[bytes]:
-    """A few byte strings that finish the unfinished UTF-8 character `pending` (smallest first)."""
-    lead = pending[0]
-    size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-    missing = size - len(pending)
-    out = []
-    for second in (0x80, 0xA0, 0x90, 0xBF):
-        tail = bytes([second] + [0x80] * (missing - 1)) if len(pending) == 1 else bytes([0x80] * missing)
-        try:
-            (pending + tail).decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        out.append(tail)
-    return list(dict.fromkeys(out))
+def _decode_lenient(data: bytes) -> int:
+    """The code point UTF-8 bytes spell, range checks aside (bounds of a lead byte's interval)."""
+    lead = data[0]
+    size = len(data)
+    value = lead & (0x1F if size == 2 else 0x0F if size == 3 else 0x07)
+    for byte in data[1:]:
+        value = (value << 6) | (byte & 0x3F)
+    return value
 
 
 _automata: dict[str, Automaton | None] = {}
