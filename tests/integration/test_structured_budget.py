@@ -24,7 +24,7 @@ from tests.integration.structured_cases import FUNCTIONS, GEMMA, SCHEMAS, TOOLS
 from tests.integration.test_structured import gemma_available, run_all
 from tests.unit.test_tools_parser import reassemble
 
-WEATHER_TOOL = [
+WEATHER_TOOL: list[dict[str, Any]] = [
     {
         "type": "function",
         "function": {
@@ -205,7 +205,7 @@ def test_responses_with_a_required_tool_completes_at_a_small_budget(smol: Server
     response = smol.client().responses.create(
         model="smollm2",
         input="What is the weather in Rome? Use the tool.",
-        tools=[{"type": "function", **WEATHER_TOOL[0]["function"]}],  # type: ignore[list-item]
+        tools=[{"type": "function", **WEATHER_TOOL[0]["function"]}],
         tool_choice="required",
         max_output_tokens=40,
         temperature=0,
@@ -235,7 +235,7 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
             response = server.client().chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": prompt}],
-                response_format=fmt,  # type: ignore[arg-type]
+                response_format=fmt,
                 max_tokens=budget,
                 temperature=temperature,
                 seed=rng.randrange(1 << 30),
