@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import embeddings, prefix, serving, step_overhead, vs_llama_server, wire
+from bench import embeddings, prefix, serving, step_overhead, structured_budget, vs_llama_server, wire
 
 
 def main() -> None:
@@ -14,6 +14,8 @@ def main() -> None:
     step_overhead.main([])
     print("\n== wire format: frames messages ==")
     wire.main([])
+    print("\n== structured output: budget tracking ==")
+    structured_budget.main([])
     print("\n== embeddings ==")
     embeddings.main([])
     print("\n== against llama-server (LLAMA_SERVER_BIN) ==")

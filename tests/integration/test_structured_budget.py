@@ -264,12 +264,14 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_budget_sweep_smollm2(smol: Server) -> None:
     failures = sweep(smol, "smollm2", BUDGETS, (0.0, 0.8))
     assert failures == []
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_budget_sweep_gemma(gemma: Server) -> None:
     failures = sweep(gemma, GEMMA, (16, 64), (0.0, 0.8))
     assert failures == []
