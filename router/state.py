@@ -224,4 +224,5 @@ def make_submit(
         grammar=grammar,
         grammar_triggers=list(grammar_triggers or []),
         budget_close=budget_close,
+        string_repeat_limit=state.config.model.structured_repeat_limit,
     )

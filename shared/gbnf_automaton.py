@@ -16,11 +16,13 @@ raise `GrammarUnsupported`; callers then simply do not track the budget.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 _END, _CHAR, _RULE = 0, 1, 2
 _INF = 1 << 60
 MAX_STACKS = 512  # beyond this many live stacks the grammar is too ambiguous to track cheaply
+FREE_STRING_RULE = "json-string"  # the converter's string without length bounds (gbnf_primitives)
 _PREFERRED = "a0 "  # representative characters for a class, in order, before scanning
 
 
@@ -61,6 +63,8 @@ class _Parser:
         self.src = text
         self.names: dict[str, int] = {}
         self.rules: list[list[list[Element]] | None] = []
+        self.owner: dict[int, str] = {}  # rule id -> the named rule whose definition it is part of
+        self.current = ""
 
     def rule_id(self, name: str) -> int:
         if name not in self.names:
@@ -72,6 +76,7 @@ class _Parser:
         rid = len(self.rules)
         self.names[f"\0{rid}"] = rid
         self.rules.append(alts)
+        self.owner[rid] = self.current
         return rid
 
     def skip(self, i: int, newline: bool) -> int:
@@ -103,8 +108,10 @@ class _Parser:
             k = self.skip(j, False)
             if not self.src.startswith("::=", k):
                 raise GrammarUnsupported(f"expected '::=' after {name!r}")
+            self.current = name
             alts, i = self.alternates(self.skip(k + 3, True), nested=False)
             rid = self.rule_id(name)
+            self.owner[rid] = name
             if self.rules[rid] is not None:
                 raise GrammarUnsupported(f"rule {name!r} defined twice")
             self.rules[rid] = alts
@@ -240,11 +247,17 @@ class Automaton:
         self._rule: list[int] = []  # rule id of a _RULE element, else -1
         self._cls: list[CharClass] = []  # class of a _CHAR element
         self._alts: list[list[int]] = []
-        for alts in parser.rules:
+        self._free_string: set[int] = set()  # frames inside an open json-string (free text)
+        for rule_id, alts in enumerate(parser.rules):
             assert alts is not None
             starts = []
+            free = parser.owner.get(rule_id) == FREE_STRING_RULE
             for seq in alts:
                 starts.append(len(self._kind))
+                if free:
+                    first = len(self._kind) if rule_id == parser.names[FREE_STRING_RULE] else -1
+                    span = range(len(self._kind), len(self._kind) + len(seq) + 1)
+                    self._free_string.update(p for p in span if p != first)
                 for kind, arg in seq:
                     self._kind.append(kind)
                     self._rule.append(arg if isinstance(arg, int) else -1)
@@ -460,6 +473,13 @@ class Automaton:
     def _char_ok(self, pos: int, cp: int) -> bool:
         return not 0xD800 <= cp <= 0xDFFF and self._matches(pos, cp)
 
+    def in_free_string(self, state: State) -> bool:
+        """Whether every parse of the text so far stands inside an open `json-string` (a string with no
+        length bound: where a looping model runs away)."""
+        if not self._free_string or not state.stacks:
+            return False
+        return all(any(p in self._free_string for p in stack) for stack in state.stacks)
+
     def completion_cost(self, state: State) -> int:
         """Bytes of the shortest completion (pending UTF-8 bytes included); huge when dead."""
         best = _INF
@@ -502,17 +522,21 @@ def _decode_lenient(data: bytes) -> int:
 
 _automata: dict[str, Automaton | None] = {}
 _MAX_CACHED = 64
+_lock = threading.Lock()  # the router builds grammars on a thread pool
 
 
 def automaton_for(grammar: str) -> Automaton | None:
     """The compiled automaton of a grammar (cached by text); None when it cannot be tracked."""
-    if grammar in _automata:
-        return _automata[grammar]
-    try:
-        found: Automaton | None = Automaton(grammar)
-    except (GrammarUnsupported, RecursionError, ValueError, IndexError):
-        found = None
-    if len(_automata) >= _MAX_CACHED:
-        _automata.pop(next(iter(_automata)))
-    _automata[grammar] = found
-    return found
+    with _lock:
+        if grammar in _automata:
+            return _automata[grammar]
+        try:
+            found: Automaton | None = Automaton(grammar)
+            if found is not None:
+                found.completion(found.initial)  # fills the shortest-text tables before sharing
+        except (GrammarUnsupported, RecursionError, ValueError, IndexError):
+            found = None
+        if len(_automata) >= _MAX_CACHED:
+            _automata.pop(next(iter(_automata)))
+        _automata[grammar] = found
+        return found

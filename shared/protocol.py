@@ -84,6 +84,9 @@ class SubmitRequest(_Message, tag="submit"):
     # End a (non-lazy) grammar's document within max_tokens, steering onto its shortest completion
     # (worker/budget.py); a sequence it closed finishes with FINISH_BUDGET.
     budget_close: bool = True
+    # Bytes of one short unit repeated at the end of a free JSON string after which the string is closed
+    # (worker/budget.py `runaway`); 0: off. Only with budget_close.
+    string_repeat_limit: int = 0
 
 
 class Cancel(_Message, tag="cancel"):

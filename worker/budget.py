@@ -32,8 +32,12 @@ Spell = Callable[[bytes], list[int] | None]
 class BudgetCloser:
     """One sequence's budget tracking; `forced()` says which token to force now, if any."""
 
-    def __init__(self, automaton: Automaton, spell: Spell, eos: int, budget: int) -> None:
+    def __init__(
+        self, automaton: Automaton, spell: Spell, eos: int, budget: int, repeat_limit: int = 0
+    ) -> None:
         self._automaton = automaton
+        self._repeat_limit = repeat_limit
+        self._string = b""  # the open free string's text so far (repeat_limit > 0 only)
         self._spell = spell
         self._eos = eos
         self.remaining = budget
@@ -43,7 +47,10 @@ class BudgetCloser:
         self.lost = False  # the text left what the automaton models: stop tracking
 
     def _plan_for(self, state: State) -> list[int] | None:
-        text = self._automaton.completion(state)
+        try:
+            text = self._automaton.completion(state)
+        except (GrammarUnsupported, RecursionError):
+            return None
         if text is None:
             return None
         tokens = self._spell(text) if text else []
@@ -61,6 +68,12 @@ class BudgetCloser:
         """The token the sequence must take now (steering onto the completion), or None: sample."""
         if self.lost:
             return None
+        if self._plan is None and self._string and runaway(self._string, self._repeat_limit):
+            quote = self._spell(b'"')
+            after = self._automaton.advance(self.state, b'"')
+            if quote and len(quote) == 1 and not after.dead and not self._automaton.in_free_string(after):
+                self.closed = True
+                return quote[0]
         if self._plan is None:
             if self._fits(self.state, self.remaining - 1):  # room for one free token and the rest
                 return None
@@ -108,20 +121,52 @@ class BudgetCloser:
         if self.lost or eog:
             return
         try:
+            before = self.state
             self.state = self._automaton.advance(self.state, piece)
         except GrammarUnsupported:
             self.lost = True
             return
         if self.state.dead:
             self.lost = True
+        elif self._repeat_limit:
+            self._follow_string(before, piece)
+
+    def _follow_string(self, before: State, piece: bytes) -> None:
+        if not self._automaton.in_free_string(self.state):
+            self._string = b""
+        elif self._automaton.in_free_string(before):
+            self._string = (self._string + piece)[-4 * self._repeat_limit :]
+        else:
+            self._string = piece.rsplit(b'"', 1)[-1]
+
+
+def runaway(text: bytes, limit: int) -> bool:
+    """Whether the last `limit` bytes of a string are one short unit repeated (`_test_test...`, blanks):
+    a model looping inside a free string. `limit` 0: never."""
+    if limit <= 0 or len(text) < limit:
+        return False
+    tail = text[-limit:]
+    if not tail.strip():
+        return True
+    for period in range(1, min(32, limit // 3) + 1):
+        unit = tail[-period:]
+        if (unit * (limit // period + 1))[-limit:] == tail:
+            return True
+    return False
 
 
 def new_closer(
-    grammar: str | None, lazy: bool, enabled: bool, spell: Spell, eos: int, budget: int
+    grammar: str | None,
+    lazy: bool,
+    enabled: bool,
+    spell: Spell,
+    eos: int,
+    budget: int,
+    repeat_limit: int = 0,
 ) -> BudgetCloser | None:
     """A closer for a sequence, or None: no grammar, a lazy one (auto tool calls, reasoning), tracking
     turned off, or a grammar the automaton does not model."""
     if not grammar or lazy or not enabled:
         return None
     automaton = automaton_for(grammar)
-    return None if automaton is None else BudgetCloser(automaton, spell, eos, budget)
+    return None if automaton is None else BudgetCloser(automaton, spell, eos, budget, repeat_limit)

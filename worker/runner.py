@@ -75,6 +75,7 @@ class ModelRunner:
             choice,
             grammar_triggers=submit.grammar_triggers,
             budget=submit.max_tokens if submit.budget_close and not submit.ignore_eos else 0,
+            repeat_limit=submit.string_repeat_limit,
         )
 
     # -- the step -----------------------------------------------------------------------------------

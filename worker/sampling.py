@@ -360,6 +360,7 @@ class SamplerChain:
         seed_offset: int = 0,
         grammar_triggers: list[str] | None = None,
         budget: int = 0,
+        repeat_limit: int = 0,
     ) -> None:
         """`budget` > 0: the tokens a non-lazy grammar's document must end within (worker/budget.py)."""
         self._vocab = vocab
@@ -389,7 +390,7 @@ class SamplerChain:
                 eos = int(llama_cpp.llama_vocab_eos(vocab))
                 lazy = bool(grammar_triggers)
                 spell = self._grammar.spell
-                self._closer = new_closer(grammar, lazy, budget > 0, spell, eos, budget)
+                self._closer = new_closer(grammar, lazy, budget > 0, spell, eos, budget, repeat_limit)
                 self._pick = _Chain()
                 _add_selectors(self._pick, params, seed_offset)
             else:

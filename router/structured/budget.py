@@ -22,7 +22,7 @@ def shortest_document_tokens(grammar: str, vocab: Vocab) -> int | None:
     if text is None:
         return None
     decoded = text.decode("utf-8", "replace")
-    tokens = vocab.tokenize(decoded, add_special=False, parse_special=False) if decoded else []
+    tokens = vocab.tokenize(decoded, add_special=False, parse_special=True) if decoded else []
     return len(tokens) + 1
 
 

@@ -14,7 +14,7 @@ from router.structured import json_object_gbnf, schema_to_gbnf
 from router.structured.tool_grammar import HERMES, tool_grammar
 from shared.gbnf_automaton import Automaton
 from tests.integration.structured_cases import SCHEMAS, TOOLS
-from worker.budget import BudgetCloser
+from worker.budget import BudgetCloser, runaway
 
 EOS = 256
 _ALPHABET = [c for c in range(0x20, 0x7F)] + [0x0A]
@@ -104,3 +104,35 @@ def test_a_plan_the_grammar_refuses_stops_tracking() -> None:
     assert closer.forced() is not None
     closer.abandon()
     assert closer.lost and closer.forced() is None and closer.permits(b"x")
+
+
+def test_runaway_detection() -> None:
+    assert runaway(b"base_test" + b"_test" * 10, 32)
+    assert runaway(b"x" + b" \n" * 20, 32)
+    assert not runaway(b"_test" * 3, 32)  # too short to call
+    assert not runaway(b"The quick brown fox jumps over the lazy dog, twice over.", 32)
+    assert not runaway(b"_test" * 20, 0)
+
+
+def test_repeat_limit_closes_a_looping_string_and_lets_the_model_go_on() -> None:
+    automaton = Automaton(json_object_gbnf())
+    closer = BudgetCloser(automaton, spell, EOS, 400, repeat_limit=24)
+    state, text = automaton.initial, b""
+    loop = b'{"a": "base' + b"_test" * 40
+    for _ in range(200):
+        forced = closer.forced()
+        if forced is not None:
+            piece = bytes([forced])
+        elif len(text) < len(loop) and text == loop[: len(text)]:
+            piece = loop[len(text) : len(text) + 1]
+        else:
+            piece = b"}"  # after the string was closed: end the object
+        if automaton.advance(state, piece).complete and piece == b"}":
+            text += piece
+            break
+        state = automaton.advance(state, piece)
+        assert not state.dead, text + piece
+        text += piece
+        closer.accept(piece[0], piece, False)
+    value = json.loads(text)
+    assert value["a"].startswith("base_test") and len(value["a"]) < 40 and closer.closed
