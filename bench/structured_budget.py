@@ -5,7 +5,9 @@
    (`structured_budget` in the model config); rounds alternate, the best of each side is kept.
 2. budget hits: how often json_object prompts and the test schemas with their length bounds removed (free
    strings and arrays, the way a base model runs away) hit a 200-token budget, greedy and sampled, and how
-   many answers parse: with tracking off (cut answers) and on (closed answers).
+   many answers parse: with tracking off (cut answers), on (closed answers), and on with
+   `structured_repeat_limit` (looping free strings closed early); answers that did not hit the budget
+   are compared between the last two (the repetition bound must not change them).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def cost(model: dict[str, Any], rounds: int) -> None:
     print(f"  on / off = {best[True] / best[False]:.3f}")
 
 
-def budget_hits(model: dict[str, Any], budget: int) -> None:
+def budget_hits(model: dict[str, Any], budget: int, repeat_limit: int) -> None:
     formats: list[tuple[str, str, dict[str, Any]]] = [
         ("json_object", "a JSON object", {"type": "json_object"})
     ]
@@ -96,10 +98,12 @@ def budget_hits(model: dict[str, Any], budget: int) -> None:
         )
         for name, description, schema in SCHEMAS
     ]
-    for on in (False, True):
-        with _server({**model, "structured_budget": on}) as server:
+    unhit: dict[str, dict[int, str]] = {}
+    settings = [("off", False, 0), ("on", True, 0), (f"on, repeat limit {repeat_limit}", True, repeat_limit)]
+    for label, on, limit in settings:
+        with _server({**model, "structured_budget": on, "structured_repeat_limit": limit}) as server:
 
-            def one(job: tuple[str, str, dict[str, Any], float]) -> tuple[bool, bool, bool]:
+            def one(job: tuple[str, str, dict[str, Any], float]) -> tuple[bool, bool, bool, str]:
                 _, description, fmt, temperature = job
                 with httpx.Client(base_url=server.base_url, timeout=600) as client:
                     answer = _ask(
@@ -118,7 +122,7 @@ def budget_hits(model: dict[str, Any], budget: int) -> None:
                     parses = True
                 except ValueError:
                     parses = False
-                return hit, parses, choice["finish_reason"] == "stop"
+                return hit, parses, choice["finish_reason"] == "stop", choice["message"]["content"]
 
             jobs = [(n, d, f, t) for n, d, f in formats for t in (0.0, 0.8)]
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -126,11 +130,14 @@ def budget_hits(model: dict[str, Any], budget: int) -> None:
             hits = sum(r[0] for r in results)
             parses = sum(r[1] for r in results)
             stops = sum(r[2] for r in results)
-            label = "on " if on else "off"
+            unhit[label] = {i: r[3] for i, r in enumerate(results) if not r[0]}
             print(
                 f"  tracking {label}: {hits}/{len(results)} hit the {budget}-token budget, "
                 f"{parses}/{len(results)} parse, {stops}/{len(results)} finish 'stop'"
             )
+    plain, bounded = unhit["on"], unhit[settings[2][0]]
+    same = sum(1 for i, text in plain.items() if bounded.get(i) == text)
+    print(f"  answers within budget without the bound, unchanged with it: {same}/{len(plain)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-C", "--config", default="configs/gemma-3-270m.json")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=["cost", "hits"])
+    parser.add_argument("--repeat-limit", type=int, default=48)
     args = parser.parse_args(argv)
     config = load_config(args.config)
     model = config.model.model_dump(exclude_none=True)
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         cost(model, args.rounds)
     if args.only in (None, "hits"):
         print("budget hits: json_object + 20 schemas without length bounds, greedy and sampled (seed 7)")
-        budget_hits(model, 200)
+        budget_hits(model, 200, args.repeat_limit)
 
 
 if __name__ == "__main__":
