@@ -43,6 +43,7 @@ class BudgetCloser:
         self.remaining = budget
         self.state: State = automaton.initial
         self._plan: list[int] | None = None
+        self._tried: tuple[bytes, State] | None = None  # the last `permits` piece and its state
         self.closed = False  # the budget shaped the answer: at least one token was forced
         self.lost = False  # the text left what the automaton models: stop tracking
 
@@ -91,6 +92,7 @@ class BudgetCloser:
             after = self._automaton.advance(self.state, piece)
         except GrammarUnsupported:
             return True
+        self._tried = (piece, after)
         return after.dead or self._fits(after, self.remaining - 1)
 
     def steer(self) -> int | None:
@@ -120,9 +122,13 @@ class BudgetCloser:
                 self._plan = None
         if self.lost or eog:
             return
+        tried, self._tried = self._tried, None
         try:
             before = self.state
-            self.state = self._automaton.advance(self.state, piece)
+            if tried is not None and tried[0] == piece:
+                self.state = tried[1]
+            else:
+                self.state = self._automaton.advance(self.state, piece)
         except GrammarUnsupported:
             self.lost = True
             return
