@@ -229,7 +229,7 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
     ]
     rng = random.Random(7)
 
-    def one(name: str, fmt: dict[str, Any], schema: Any, budget: int, temperature: float) -> str | None:
+    def one(name: str, fmt: dict[str, Any], schema: Any, budget: int, temperature: float) -> str:
         prompt = f"Give me {name.replace('_', ' ')} as JSON."
         try:
             response = server.client().chat.completions.create(
@@ -242,7 +242,8 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
             )
         except openai.BadRequestError as error:  # the shortest document does not fit: said so
             body = error.body
-            return None if isinstance(body, dict) and body.get("code") == "budget_too_small" else str(error)
+            too_small = isinstance(body, dict) and body.get("code") == "budget_too_small"
+            return "400" if too_small else str(error)
         choice = response.choices[0]
         try:
             value = json.loads(choice.message.content or "")
@@ -252,7 +253,7 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
             return f"{name}@{budget}/{temperature}: {error}: {choice.message.content!r}"
         if choice.finish_reason != "stop":
             return f"{name}@{budget}/{temperature}: finish {choice.finish_reason}"
-        return None
+        return "closed" if choice.model_dump().get("budget_closed") else "valid"
 
     jobs = [
         lambda n=name, f=fmt, s=schema, b=budget, t=temperature: one(n, f, s, b, t)
@@ -260,7 +261,10 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
         for budget in budgets
         for temperature in temperatures
     ]
-    return [failure for failure in run_all(jobs) if failure is not None]
+    outcomes = run_all(jobs)
+    counts = {kind: outcomes.count(kind) for kind in ("valid", "closed", "400")}
+    print(f"\nbudget sweep {model}: {len(outcomes)} requests, {counts}")  # the figures for the README
+    return [outcome for outcome in outcomes if outcome not in counts]
 
 
 @pytest.mark.slow
