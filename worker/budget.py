@@ -90,7 +90,7 @@ class BudgetCloser:
             return True
         try:
             after = self._automaton.advance(self.state, piece)
-        except GrammarUnsupported:
+        except (GrammarUnsupported, RecursionError):
             return True
         self._tried = (piece, after)
         return after.dead or self._fits(after, self.remaining - 1)
@@ -129,7 +129,7 @@ class BudgetCloser:
                 self.state = tried[1]
             else:
                 self.state = self._automaton.advance(self.state, piece)
-        except GrammarUnsupported:
+        except (GrammarUnsupported, RecursionError):
             self.lost = True
             return
         if self.state.dead:
