@@ -12,6 +12,7 @@ from bench import (
     serving,
     speculative,
     step_overhead,
+    structured_budget,
     vs_llama_server,
     wire,
 )
@@ -30,6 +31,8 @@ def main() -> None:
     wire.main([])
     print("\n== router capacity on simulated workers ==")
     router_capacity.main([])
+    print("\n== structured output: budget tracking ==")
+    structured_budget.main([])
     print("\n== embeddings ==")
     embeddings.main([])
     print("\n== image input: embedding cache and prefix cache ==")

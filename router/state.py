@@ -15,6 +15,7 @@ from router.client.dispatch import Dispatcher
 from router.parsers import ResponseSchemaParser
 from router.preprocess.offload import Preparer
 from router.preprocess.templating import ChatTemplate, TemplateError
+from router.structured.budget import check_budget
 from router.structured.response_format import check_grammar_size
 from shared.config import Config
 from shared.models import resolve_model_path
@@ -205,6 +206,7 @@ def make_submit(
     grammar: str | None = None,
     grammar_triggers: list[str] | None = None,
     format_param: str = "response_format",
+    limit_param: str = "max_tokens",
 ) -> SubmitRequest:
     sampling = sampling_from(request)
     for token, _ in sampling.logit_bias:
@@ -218,6 +220,9 @@ def make_submit(
             400, "the grammar could not be parsed by llama.cpp (GBNF, root rule `root`)", param="grammar"
         )
     lora, lora_scale = state.adapters.resolve(request.model, request.lora_scale)
+    budget_close = state.config.model.structured_budget
+    if grammar is not None and budget_close:
+        check_budget(grammar, bool(grammar_triggers), max_tokens, state.vocab, limit_param)
     return SubmitRequest(
         rid=rid,
         prompt=prompt,
@@ -231,4 +236,6 @@ def make_submit(
         speculative=bool(getattr(request, "speculative", True)),
         lora=lora,
         lora_scale=lora_scale,
+        budget_close=budget_close,
+        string_repeat_limit=state.config.model.structured_repeat_limit,
     )

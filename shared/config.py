@@ -218,6 +218,11 @@ class ModelOptions(BaseModel):
     type_v: int | None = None
     max_seq_len: int | None = None
     max_output_tokens: int | None = Field(default=None, ge=0)
+    # Grammar-constrained answers end on a complete document within their token budget (worker/budget.py).
+    structured_budget: bool = True
+    # Close a free JSON string (no maxLength/pattern/format) whose last N bytes are one short unit repeated
+    # (a model looping inside a string); 0: off.
+    structured_repeat_limit: int = Field(default=0, ge=0)
     kv_unified: bool = True
     # Keep finished sequences' KV and reuse shared prompt prefixes (llamafleet; not in the seed).
     prefix_cache: bool = True

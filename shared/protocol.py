@@ -28,6 +28,8 @@ PROTOCOL_VERSION = 3
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
+# Worker -> router only: stopped on a complete document the token budget steered (the client sees "stop").
+FINISH_BUDGET = "budget"
 
 
 class ProtocolError(ValueError):
@@ -101,6 +103,12 @@ class SubmitRequest(_Message, tag="submit"):
     # A named LoRA adapter to run with, at this scale ("": the base model; see shared/lora.py).
     lora: str = ""
     lora_scale: float = 0.0
+    # End a (non-lazy) grammar's document within max_tokens, steering onto its shortest completion
+    # (worker/budget.py); a sequence it closed finishes with FINISH_BUDGET.
+    budget_close: bool = True
+    # Bytes of one short unit repeated at the end of a free JSON string after which the string is closed
+    # (worker/budget.py `runaway`); 0: off. Only with budget_close.
+    string_repeat_limit: int = 0
 
 
 class LoadAdapter(_Message, tag="load_adapter"):

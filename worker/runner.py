@@ -92,6 +92,8 @@ class ModelRunner:
             submit.grammar,
             choice,
             grammar_triggers=submit.grammar_triggers,
+            budget=submit.max_tokens if submit.budget_close and not submit.ignore_eos else 0,
+            repeat_limit=submit.string_repeat_limit,
         )
 
     # -- the step -----------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class ModelRunner:
                         token = int(logits[out_index].argmax())
                     else:
                         token = sampler.sample(ctx, row)
-                    result = SeqResult([token])
+                    result = SeqResult([token], budget_closed=sampler.budget_closed)
                     if task.top_logprobs is not None:
                         result.logprobs = [
                             token_logprob(self.engine.logits_row(row), token, task.top_logprobs)

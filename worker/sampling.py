@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.protocol import SamplingParams, TokenLogprob
+from worker.budget import BudgetCloser, new_closer
 from worker.step import SamplerInitError
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class _Grammar:
             llama_cpp.llama_sampler_free(self.sampler)
             self.sampler = None
 
-    def _piece(self, token: int) -> bytes:
+    def piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[: max(n, 0)]
@@ -215,7 +216,7 @@ class _Grammar:
         check continuation bytes, so byte-fallback tokens could otherwise form invalid text)."""
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return not self._utf8
-        return utf8_tail(self._utf8 + self._piece(token)) is not None
+        return utf8_tail(self._utf8 + self.piece(token)) is not None
 
     def safe(self, token: int) -> bool:
         """Allowed now, and (lazy grammar) any replay its trigger causes is allowed too."""
@@ -223,13 +224,13 @@ class _Grammar:
             return False
         if not self.awaiting:
             return self._utf8_continues(token)
-        text = self._buffer + self._piece(token)
+        text = self._buffer + self.piece(token)
         start = _trigger_start(self._patterns, text)
         if start is None:
             return True
         return utf8_tail(text[start:]) is not None and self._accepts_prefix(text[start:])
 
-    def _spell(self, text: bytes) -> list[int] | None:
+    def spell(self, text: bytes) -> list[int] | None:
         """Token ids whose pieces concatenate to exactly `text` (None if none found).
 
         The tokenizer usually gives them; vocabularies that add a leading space (SentencePiece) do
@@ -237,7 +238,7 @@ class _Grammar:
         n_max = len(text) + 8
         ids = (llama_cpp.llama_token * n_max)()
         n = llama_cpp.llama_tokenize(self._vocab, text, len(text), ids, n_max, False, True)
-        if n >= 0 and b"".join(self._piece(t) for t in ids[:n]) == text:
+        if n >= 0 and b"".join(self.piece(t) for t in ids[:n]) == text:
             return list(ids[:n])
         pieces, longest = _piece_index(self._vocab)
         out: list[int] = []
@@ -252,11 +253,11 @@ class _Grammar:
             else:
                 return None
         # The index is cached by address: check against the live vocabulary.
-        return out if b"".join(self._piece(t) for t in out) == text else None
+        return out if b"".join(self.piece(t) for t in out) == text else None
 
     def _accepts_prefix(self, text: bytes) -> bool:
         """Whether `text` is a valid start of the grammar, checked on a fresh non-lazy copy."""
-        tokens = self._spell(text)
+        tokens = self.spell(text)
         if tokens is None:
             return False
         probe = llama_cpp.llama_sampler_init_grammar(self._vocab, self._text, b"root")
@@ -274,14 +275,14 @@ class _Grammar:
     def accept(self, token: int) -> None:
         """Accepts a token that `safe` allowed."""
         if self.awaiting:
-            self._buffer += self._piece(token)
+            self._buffer += self.piece(token)
             start = _trigger_start(self._patterns, self._buffer)
             if start is not None:
                 self.awaiting = False
                 self._utf8 = utf8_tail(self._buffer[start:]) or b""
                 self._buffer = b""
         elif not llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            self._utf8 = utf8_tail(self._utf8 + self._piece(token)) or b""
+            self._utf8 = utf8_tail(self._utf8 + self.piece(token)) or b""
         llama_cpp.llama_sampler_accept(self.sampler, token)
 
 
@@ -358,13 +359,18 @@ class SamplerChain:
         grammar: str | None = None,
         seed_offset: int = 0,
         grammar_triggers: list[str] | None = None,
+        budget: int = 0,
+        repeat_limit: int = 0,
     ) -> None:
+        """`budget` > 0: the tokens a non-lazy grammar's document must end within (worker/budget.py)."""
         self._vocab = vocab
         self._n_vocab = n_vocab
         self._greedy = params.temperature <= 0.0
         seed = params.seed + seed_offset if params.seed is not None else random.getrandbits(32)
         self._rng = np.random.default_rng(seed & 0xFFFFFFFF)
         self._grammar: _Grammar | None = None
+        self._closer: BudgetCloser | None = None
+        self.budget_closed = False
         # Greedy with nothing that changes logits: the token is the first best logit, and the chain keeps
         # no state, so a runner may pick it itself (one argmax) instead of calling llama_sampler_sample.
         self.plain_greedy = (
@@ -381,6 +387,10 @@ class SamplerChain:
             _add_logit_samplers(self._logits, n_vocab, params)
             if grammar:
                 self._grammar = _Grammar(vocab, grammar, list(grammar_triggers or []))
+                eos = int(llama_cpp.llama_vocab_eos(vocab))
+                lazy = bool(grammar_triggers)
+                spell = self._grammar.spell
+                self._closer = new_closer(grammar, lazy, budget > 0, spell, eos, budget, repeat_limit)
                 self._pick = _Chain()
                 _add_selectors(self._pick, params, seed_offset)
             else:
@@ -394,6 +404,13 @@ class SamplerChain:
         grammar, pick = self._grammar, self._pick
         if grammar is None or pick is None:
             return int(llama_cpp.llama_sampler_sample(self._logits.sampler, ctx, row))
+        closer = self._closer
+        if closer is not None:
+            forced = closer.forced()
+            if forced is not None:
+                if grammar.safe(forced):
+                    return self._take(grammar, pick, forced)
+                closer.abandon()
         pointer = llama_cpp.llama_get_logits_ith(ctx, row)
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         cand = _candidates(self._n_vocab)
@@ -406,9 +423,26 @@ class SamplerChain:
             token = self._resample(grammar, pick, cand, adjusted)
             if token < 0:
                 return self._dead_end()
+        if closer is not None and not self._eog(token) and not closer.permits(grammar.piece(token)):
+            steered = closer.steer()  # the token would leave no room to finish the document
+            if steered is not None and grammar.safe(steered):
+                token = steered
+            elif steered is not None:
+                closer.abandon()
+        return self._take(grammar, pick, token)
+
+    def _eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def _take(self, grammar: _Grammar, pick: _Chain, token: int) -> int:
+        """Accepts `token` into the grammar, the chains and the budget tracking."""
         grammar.accept(token)
         llama_cpp.llama_sampler_accept(self._logits.sampler, token)
         llama_cpp.llama_sampler_accept(pick.sampler, token)
+        closer = self._closer
+        if closer is not None:
+            closer.accept(token, grammar.piece(token), self._eog(token))
+            self.budget_closed = closer.closed
         return token
 
     def _resample(

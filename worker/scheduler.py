@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from shared.lora import BASE, AdapterSet, adapter_set
 from shared.protocol import (
+    FINISH_BUDGET,
     FINISH_LENGTH,
     FINISH_STOP,
     Error,
@@ -501,7 +502,7 @@ class Scheduler:
             seq.generated += 1
             self.stats.generated_tokens_total += 1
             if token in request.stop_ids:
-                finish = FINISH_STOP
+                finish = FINISH_BUDGET if result.budget_closed else FINISH_STOP
                 break
             tokens.append(token)
             seq.last_token = token

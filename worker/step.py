@@ -75,6 +75,7 @@ class SeqResult:
 
     tokens: list[int]
     logprobs: list[TokenLogprob] | None = None
+    budget_closed: bool = False  # the sampler steered the sequence onto a complete document
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,6 +254,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.budget_closed = Counter(
+            "llamafleet_structured_budget_closed",
+            "Grammar-constrained choices steered onto a complete document by their token budget",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "llamafleet_router_in_flight_requests",
             "Requests being served by the router",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from router.api.metrics import Metrics
 from router.client.detokenizer import IncrementalDetokenizer, StopMatcher
 from router.client.dispatch import Dispatcher, Pending, WorkerFailure
-from shared.protocol import FINISH_STOP, FrameItem, SubmitRequest, TokenLogprob
+from shared.protocol import FINISH_BUDGET, FINISH_STOP, FrameItem, SubmitRequest, TokenLogprob
 from shared.vocab import Vocab
 
 
@@ -29,6 +29,7 @@ class ChoiceDelta:
     token_texts: list[str]
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
+    budget_closed: bool = False  # the worker steered this choice onto a complete document (budget)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Generation:
         texts: list[str] = []
         for token in item.token_ids:
             texts.append(choice.detokenizer.feed(token))
+        closed = item.finish == FINISH_BUDGET  # the worker ended the document within the budget
         pieces = list(texts) or [""]
         if item.finish is not None:
             pieces[-1] += choice.detokenizer.flush()
@@ -171,12 +173,18 @@ class Generation:
                 kept = min(kept, index + 1)
                 break
         text = "".join(out)
-        finish = item.finish
+        finish = FINISH_STOP if closed else item.finish
         matched = choice.stopper.matched is not None
         if matched:
             finish = FINISH_STOP
+            closed = closed and kept == len(item.token_ids)  # a stop string ended it first otherwise
         elif finish is not None:
             text += choice.stopper.flush()
-        self.usage.completion_tokens += kept + (1 if item.finish == FINISH_STOP and not matched else 0)
+        if closed:
+            self.metrics.budget_closed.labels(self.endpoint).inc()
+        ended = (item.finish == FINISH_STOP or item.finish == FINISH_BUDGET) and not matched
+        self.usage.completion_tokens += kept + (1 if ended else 0)
         logprobs = item.logprobs[:kept] if item.logprobs is not None else None
-        return ChoiceDelta(choice.index, text, list(item.token_ids[:kept]), texts[:kept], logprobs, finish)
+        return ChoiceDelta(
+            choice.index, text, list(item.token_ids[:kept]), texts[:kept], logprobs, finish, closed
+        )

@@ -85,8 +85,10 @@ async def _collect(
     created: int,
 ) -> JSONResponse:
     finish: list[str | None] = [None] * body.n
+    closed = [False] * body.n
     logprobs: list[list[dict[str, Any]]] = [[] for _ in range(body.n)]
     async for delta in generation.events():
+        closed[delta.index] |= delta.budget_closed
         outputs[delta.index].feed(delta.text)
         if body.logprobs and delta.logprobs:
             logprobs[delta.index] += _token_logprobs(state, delta)
@@ -95,14 +97,15 @@ async def _collect(
     choices = []
     for i, output in enumerate(outputs):
         _, reason = output.finish(finish[i])
-        choices.append(
-            {
-                "index": i,
-                "message": chat_message(output.message(), body.include_reasoning),
-                "logprobs": {"content": logprobs[i]} if body.logprobs else None,
-                "finish_reason": reason,
-            }
-        )
+        choice = {
+            "index": i,
+            "message": chat_message(output.message(), body.include_reasoning),
+            "logprobs": {"content": logprobs[i]} if body.logprobs else None,
+            "finish_reason": reason,
+        }
+        if closed[i]:
+            choice["budget_closed"] = True
+        choices.append(choice)
     return JSONResponse(
         openai_object(
             "chat.completion",
@@ -125,8 +128,13 @@ async def _stream(
 ) -> AsyncIterator[dict[str, Any] | bytes]:
     frame = ChunkFrame("chat.completion.chunk", completion_id, created, state.model_name, body.include_usage)
 
-    def chunk(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> bytes:
-        return frame.event({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+    def chunk(
+        index: int, delta: dict[str, Any], logprobs: Any, finish: str | None, closed: bool = False
+    ) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if closed:
+            choice["budget_closed"] = True
+        return frame.event(choice)
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""}, None, None)
@@ -142,7 +150,7 @@ async def _stream(
             yield chunk(delta.index, piece, logprobs, None)
             logprobs = None
         if logprobs is not None or finish is not None:
-            yield chunk(delta.index, {}, logprobs, finish)
+            yield chunk(delta.index, {}, logprobs, finish, delta.budget_closed)
     if body.include_usage:
         yield openai_object(
             "chat.completion.chunk",

@@ -111,8 +111,10 @@ async def _collect(
     count = len(generation.submits) * body.n
     texts = [_echo_text(state, body, i, body.n) for i in range(count)]
     finish: list[str | None] = [None] * count
+    closed = [False] * count
     logprobs = [_LogprobsAccumulator() for _ in range(count)]
     async for delta in generation.events():
+        closed[delta.index] |= delta.budget_closed
         if body.logprobs is not None and delta.logprobs:
             part = _logprobs_of(state, delta, len(texts[delta.index]))
             acc = logprobs[delta.index]
@@ -129,6 +131,7 @@ async def _collect(
             "text": texts[i],
             "logprobs": logprobs[i].to_openai() if body.logprobs is not None else None,
             "finish_reason": finish[i],
+            **({"budget_closed": True} if closed[i] else {}),
         }
         for i in range(count)
     ]
@@ -155,8 +158,11 @@ async def _stream(
     offsets = [0] * count
     frame = ChunkFrame("text_completion", completion_id, created, state.model_name, body.include_usage)
 
-    def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> bytes:
-        return frame.event({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+    def chunk(index: int, text: str, logprobs: Any, finish: str | None, closed: bool = False) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if closed:
+            choice["budget_closed"] = True
+        return frame.event(choice)
 
     if body.echo:
         for i in range(count):
@@ -168,7 +174,7 @@ async def _stream(
         if body.logprobs is not None and delta.logprobs:
             logprobs = _logprobs_of(state, delta, offsets[delta.index]).to_openai()
         offsets[delta.index] += len(delta.text)
-        yield chunk(delta.index, delta.text, logprobs, delta.finish_reason)
+        yield chunk(delta.index, delta.text, logprobs, delta.finish_reason, delta.budget_closed)
     if body.include_usage:
         yield openai_object(
             "text_completion",

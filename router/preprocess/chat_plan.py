@@ -220,6 +220,7 @@ def chat_generation(
         grammar.grammar if grammar else None,
         grammar.triggers if grammar else None,
         fields.response_format,
+        fields.max_tokens,
     )
     submit.media = media_inputs
     prediction = getattr(body, "prediction", None)

@@ -225,29 +225,22 @@ def test_auto_leaves_text_answers_free(gemma: Server) -> None:
 
 
 @pytest.mark.slow
-def test_tool_call_cut_by_max_tokens_is_reported_as_length(gemma: Server) -> None:
+def test_forced_tool_call_that_cannot_fit_max_tokens_is_a_400(gemma: Server) -> None:
+    """Before budget closing this answered a cut call with finish_reason "length"; now a call that cannot
+    be completed in the budget is never started: the request is refused before generation."""
     for stream in (False, True):
-        response = gemma.client().chat.completions.create(
-            model=GEMMA,
-            messages=[{"role": "user", "content": ASK["get_weather"]}],
-            tools=TOOLS,
-            tool_choice={"type": "function", "function": {"name": "get_weather"}},
-            max_tokens=8,
-            temperature=0,
-            stream=stream,
-        )
-        if stream:
-            chunks = [c for c in response if c.choices]
-            assert chunks[-1].choices[0].finish_reason == "length"
-            content = reassemble([c.choices[0].delta.model_dump(exclude_none=True) for c in chunks])[
-                "content"
-            ]
-        else:
-            choice = response.choices[0]
-            assert choice.finish_reason == "length"
-            assert not choice.message.tool_calls
-            content = choice.message.content
-        assert content.startswith("<tool_call>")
+        with pytest.raises(openai.BadRequestError) as caught:
+            gemma.client().chat.completions.create(
+                model=GEMMA,
+                messages=[{"role": "user", "content": ASK["get_weather"]}],
+                tools=TOOLS,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                max_tokens=8,
+                temperature=0,
+                stream=stream,
+            )
+        body = caught.value.body
+        assert isinstance(body, dict) and body["code"] == "budget_too_small" and body["param"] == "max_tokens"
 
 
 # --- the tiny generated model ---------------------------------------------------------------------
