@@ -1,6 +1,7 @@
 """Fuzzes the HTTP API with schemathesis against its own /openapi.json, on a real server over HTTP.
 
-The server runs the tiny generated model with `max_output_tokens: 4`, so the cases exercise validation
+The server runs the tiny generated model with `max_output_tokens: 64` (room for the shortest structured
+document or tool call, which the budget check requires of a request), so the cases exercise validation
 and the answer shapes, not generation. The bar: no 5xx, no hang (every request has a timeout), every
 status, content type, header and body as the document says. A short derandomized run (the same cases
 every time) is part of the suite; `make fuzz` sets LLAMAFLEET_FUZZ_EXAMPLES to run thousands.
@@ -47,7 +48,7 @@ def _auth(server: Server) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_llama_gguf: Path) -> Iterator[Server]:
-    model = model_config(tiny_llama_gguf, max_output_tokens=4, n_ctx=1024, embedding_pooling="mean")
+    model = model_config(tiny_llama_gguf, max_output_tokens=64, n_ctx=1024, embedding_pooling="mean")
     env = {"LLAMAFLEET_INJECT_FAULTS": "decode=boom"}  # for the stream error events below
     with run_server(model, server={"max_queued_requests": 64}, env=env) as server:
         yield server

@@ -202,7 +202,7 @@ def test_a_large_allowed_schema_is_built_off_the_event_loop(server: Server) -> N
     schema = _schema(800, note=180)  # about 250 KB of JSON, just under the schema limit
     body = {
         "prompt": "{",
-        "max_tokens": 1,
+        "max_tokens": 8,  # room for the shortest valid document (`{}` and the end token), as required
         "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}},
     }
     with HealthProbe(server) as probe, ThreadPoolExecutor(3) as pool:
