@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,42 +21,12 @@ from typing import Any
 
 import httpx
 
-from bench.serving import LoadResult, _cpu_seconds, make_prompts
+from bench.serving import LoadResult, _cpu_seconds, make_prompts, stream_completion
 from shared.config import load_config
 from shared.models import resolve_model_path
 from shared.vocab import Vocab
 
 ADAPTER = "bench-lora"
-
-
-async def _stream(
-    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, result: LoadResult
-) -> None:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    started = time.perf_counter()
-    last: float | None = None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"]
-            if not choice or not choice[0]["text"]:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                result.ttft.append(now - started)
-            else:
-                result.itl.append(now - last)
-            last = now
-    result.output_tokens += max_tokens
 
 
 async def run_mix(
@@ -75,7 +44,7 @@ async def run_mix(
             target = adapted if on_adapter else base
             target.requests += 1
             model = ADAPTER if on_adapter else base_model
-            jobs.append(_stream(client, model, prompt, max_tokens, target))
+            jobs.append(stream_completion(client, prompt, max_tokens, target, {"model": model}))
         started = time.perf_counter()
         await asyncio.gather(*jobs)
         seconds = time.perf_counter() - started

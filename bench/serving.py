@@ -70,13 +70,14 @@ def make_prompts(
     return prompts
 
 
-async def _one(
+async def stream_completion(
     client: httpx.AsyncClient,
     prompt: list[int],
     max_tokens: int,
     result: LoadResult,
     extra: dict[str, Any] | None = None,
 ) -> None:
+    """One streamed completion of `max_tokens` (ignore_eos), its TTFT and inter-token gaps into `result`."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -121,7 +122,7 @@ async def run_load(
 
         async def guarded(prompt: list[int]) -> None:
             async with semaphore:
-                await _one(client, prompt, max_tokens, result, extra)
+                await stream_completion(client, prompt, max_tokens, result, extra)
 
         started = time.perf_counter()
         await asyncio.gather(*(guarded(p) for p in prompts))
