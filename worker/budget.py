@@ -80,7 +80,7 @@ class BudgetCloser:
                 return None
             self._plan = self._plan_for(self.state)
             if not self._plan:
-                self.lost = True
+                self._lose("no completion could be spelled")
                 return None
         return self._plan[0]
 
@@ -101,9 +101,13 @@ class BudgetCloser:
             return None
         self._plan = self._plan_for(self.state)
         if not self._plan:
-            self.lost = True
+            self._lose("no completion could be spelled")
             return None
         return self._plan[0]
+
+    def _lose(self, why: str) -> None:
+        log.warning("budget tracking stops for this sequence: %s (%d tokens left)", why, self.remaining)
+        self.lost = True
 
     def abandon(self) -> None:
         """The grammar refused a planned token: the plan is wrong, stop tracking."""
@@ -129,11 +133,11 @@ class BudgetCloser:
                 self.state = tried[1]
             else:
                 self.state = self._automaton.advance(self.state, piece)
-        except (GrammarUnsupported, RecursionError):
-            self.lost = True
+        except (GrammarUnsupported, RecursionError) as error:
+            self._lose(f"the automaton cannot follow the text ({type(error).__name__})")
             return
         if self.state.dead:
-            self.lost = True
+            self._lose(f"the automaton refused the piece {piece!r} the grammar took")
         elif self._repeat_limit:
             self._follow_string(before, piece)
 

@@ -36,7 +36,7 @@ def free_port() -> int:
 def child_pids(supervisor_pid: int, role: str) -> list[int]:
     """Direct children of the supervisor running `llamafleet ROLE` (`worker` or `router`)."""
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(supervisor_pid)],
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(supervisor_pid)],
         capture_output=True,
         text=True,
         check=False,

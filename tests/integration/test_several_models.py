@@ -45,7 +45,7 @@ def _chat(server: Server, model: str) -> str:
 
 def _pool_pids(server: Server, alias: str) -> list[int]:
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True, text=True
     )
     return [int(line.split()[0]) for line in out.stdout.splitlines() if f"--model {alias}" in line]
 

@@ -229,7 +229,7 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
     ]
     rng = random.Random(7)
 
-    def one(name: str, fmt: dict[str, Any], schema: Any, budget: int, temperature: float) -> str:
+    def one(name: str, fmt: dict[str, Any], schema: Any, budget: int, temperature: float, seed: int) -> str:
         prompt = f"Give me {name.replace('_', ' ')} as JSON."
         try:
             response = server.client().chat.completions.create(
@@ -238,7 +238,7 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
                 response_format=fmt,
                 max_tokens=budget,
                 temperature=temperature,
-                seed=rng.randrange(1 << 30),
+                seed=seed,
             )
         except openai.BadRequestError as error:  # the shortest document does not fit: said so
             body = error.body
@@ -255,13 +255,15 @@ def sweep(server: Server, model: str, budgets: tuple[int, ...], temperatures: tu
             return f"{name}@{budget}/{temperature}: finish {choice.finish_reason}"
         return "closed" if choice.model_dump().get("budget_closed") else "valid"
 
-    jobs = [
-        lambda n=name, f=fmt, s=schema, b=budget, t=temperature: one(n, f, s, b, t)
+    cases = [
+        (name, fmt, schema, budget, temperature, rng.randrange(1 << 30))
         for name, fmt, schema in formats
         for budget in budgets
         for temperature in temperatures
     ]
-    outcomes = run_all(jobs)
+    # One at a time, in a fixed order with fixed seeds: every run samples the same tokens (concurrent
+    # batches shift the logits of a quantized model), so a failure here is reproducible, not a flake.
+    outcomes = [one(*case) for case in cases]
     counts = {kind: outcomes.count(kind) for kind in ("valid", "closed", "400")}
     print(f"\nbudget sweep {model}: {len(outcomes)} requests, {counts}")  # the figures for the README
     return [outcome for outcome in outcomes if outcome not in counts]
