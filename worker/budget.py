@@ -78,10 +78,7 @@ class BudgetCloser:
         if self._plan is None:
             if self._fits(self.state, self.remaining - 1):  # room for one free token and the rest
                 return None
-            self._plan = self._plan_for(self.state)
-            if not self._plan:
-                self._lose("no completion could be spelled")
-                return None
+            return self.steer()
         return self._plan[0]
 
     def permits(self, piece: bytes) -> bool:
@@ -111,8 +108,7 @@ class BudgetCloser:
 
     def abandon(self) -> None:
         """The grammar refused a planned token: the plan is wrong, stop tracking."""
-        log.warning("budget plan refused by the grammar; tracking stops for this sequence")
-        self.lost = True
+        self._lose("the grammar refused a planned token")
         self._plan = None
 
     def accept(self, token: int, piece: bytes, eog: bool) -> None:
