@@ -89,6 +89,34 @@ def test_json_object_loop_ends_on_valid_json(gemma: Server) -> None:
     assert 'llamafleet_structured_budget_closed_total{endpoint="chat"}' in metrics
 
 
+@pytest.mark.slow
+def test_repeat_limit_closes_the_looping_string_sooner(gemma: Server) -> None:
+    """`model.structured_repeat_limit` through a real generation: the same greedy request that loops inside
+    a string (`_test_test...`) until the budget closes it, on a server with the limit set, closes the string
+    where it starts repeating, and still ends on valid JSON."""
+    request: dict[str, Any] = {
+        "model": GEMMA,
+        "messages": [{"role": "user", "content": "JSON please."}],
+        "response_format": {"type": "json_object"},
+        "max_tokens": 200,
+        "temperature": 0,
+    }
+    plain = gemma.client().chat.completions.create(**request)
+    model = json.loads((REPO / "configs/gemma-3-270m.json").read_text())["model"]
+    model.update(n_ctx=8192, n_seq_max=4, threads=2, threads_batch=2, prefix_cache=False)
+    model["structured_repeat_limit"] = 16
+    with run_server(model) as limited_server:
+        limited = limited_server.client().chat.completions.create(**request)
+    choice = limited.choices[0]
+    assert isinstance(json.loads(choice.message.content or ""), dict), choice.message.content
+    assert choice.finish_reason == "stop" and closed(choice)
+    assert choice.message.content != plain.choices[0].message.content  # the limit changed the answer
+    print(
+        f"\nrepeat limit 16: {limited.usage.completion_tokens if limited.usage else '?'} tokens, "
+        f"without: {plain.usage.completion_tokens if plain.usage else '?'}"
+    )
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_calls_at_the_budget_are_clean(gemma: Server, stream: bool) -> None:
     request: dict[str, Any] = {
