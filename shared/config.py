@@ -239,6 +239,10 @@ class ModelOptions(BaseModel):
     draft_model_max_batch_size: int | None = Field(default=None, ge=1)
     draft_model_threads: int | None = Field(default=None, gt=0)
     draft_model_threads_batch: int | None = Field(default=None, gt=0)
+    # Seconds the worker may spend at start measuring decode cost by output rows, which draft lengths are
+    # chosen from (llamafleet; worker/speculative/costs.py). None: 3 with a draft_model, else 1.5 (predicted
+    # outputs only); 0: measure nothing and adapt draft lengths to acceptance alone.
+    draft_model_calibration_seconds: float | None = Field(default=None, ge=0.0, le=60.0)
     # Output parsing.
     response_schema: dict[str, Any] | None = None
     store_logits: bool = True

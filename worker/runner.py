@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from typing import cast
 
 import llama_cpp
@@ -56,6 +57,7 @@ class ModelRunner:
         self._get_logits = llama_cpp.llama_get_logits
         self._logits_key = (0, 0)
         self._logits_view: npt.NDArray[np.float32] = np.zeros((0, 0), dtype=np.float32)
+        self.last_decode_seconds = 0.0  # the last step's llama_decode, for speculation's cost model
 
     # -- what the scheduler reads -------------------------------------------------------------------
 
@@ -142,7 +144,9 @@ class ModelRunner:
             {rid for rid in groups if self.faults.triggered("decode", rid)} if self.faults.rules else set()
         )
         rows = self._fill(work)
+        started = time.perf_counter()
         status = 1 if injected else self.engine.decode(self.engine.batch.size)
+        self.last_decode_seconds = time.perf_counter() - started
         if status == 0:
             self._after_decode(work, rows, output)
             return output

@@ -13,6 +13,7 @@ decides only: it never touches llama.cpp, so tests/unit/test_scheduler.py drives
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from worker.media import MediaSpan, RequestMedia
 
 log = logging.getLogger(__name__)
+
+_BUSY_GAP = 0.2  # seconds: a longer time between two steps was idle, not per-step overhead
 
 
 class RequestRejected(ValueError):
@@ -145,6 +148,7 @@ class Scheduler:
     ) -> None:
         self.runner = runner
         self.spec = speculation
+        self._last_step_end: float | None = None  # for speculation's per-step overhead
         self.disk = disk
         self.checkpoints = checkpoints
         self.faults = faults or FaultInjector()
@@ -343,12 +347,28 @@ class Scheduler:
         errors: list[Error] = []
         self._admit(errors)
         if not self.running:
+            self._last_step_end = None
             self._refresh_stats()
             return StepResult([], errors)
         plan = self.plan()
         result = self.commit(plan, self.runner.execute(plan))
         result.errors[:0] = errors
+        if self.spec is not None:
+            self._observe_costs(plan)
         return result
+
+    def _observe_costs(self, plan: StepPlan) -> None:
+        """Tells speculation's cost model what this step's llama_decode took (a step of decode and
+        verification rows only) and the time between two busy steps spent outside llama_decode."""
+        assert self.spec is not None
+        now = time.perf_counter()
+        timed: float | None = getattr(self.runner, "last_decode_seconds", None)  # runners that time decodes
+        decoding = timed or 0.0
+        if timed is not None and not plan.media and all(len(w.tokens) == w.n_logits for w in plan.work):
+            self.spec.observe_decode(sum(item.n_logits for item in plan.work), timed)
+        if self._last_step_end is not None and now - self._last_step_end < _BUSY_GAP:
+            self.spec.observe_overhead(max(now - self._last_step_end - decoding, 0.0))
+        self._last_step_end = now
 
     def plan(self) -> StepPlan:
         """One decode row for every running sequence, then prefill chunks in arrival order within
@@ -364,7 +384,9 @@ class Scheduler:
             key=lambda seq: seq.seq_id,
         )
         budget = self.n_batch - len(decoding)
-        drafts = self._drafts(decoding, budget) if self.spec is not None and decoding else {}
+        # No drafts while prompts wait for prefill: their rows would take the prefill's budget and compute.
+        speculate = bool(decoding) and not any(r.prefilling for r in self.running.values())
+        drafts = self._drafts(decoding, budget) if self.spec is not None and speculate else {}
         work: list[SeqWork] = []
         media: list[tuple[int, MediaSpan]] = []
         for seq in decoding:

@@ -72,6 +72,9 @@ class Drafter:
     name = "none"  # metrics label: the provider's config name
     observes_target = False  # True: call `after_target_decode` after every target decode
     target_outputs = False  # True: the runner asks for every row's output (the MTP provider's hidden states)
+    # True: drafting costs next to nothing (no decode), so the controller may ask for the longest draft every
+    # step and decide from the cost curve how much of it to verify (worker/speculative/control.py).
+    cheap = False
 
     def draft(self, seqs: list[DraftSeq]) -> list[list[int]]:
         """Up to `seq.k` proposed tokens for each sequence, in order (empty: no speculation for it)."""

@@ -3,7 +3,9 @@
 The output is expected to follow the prediction with edits. Each step the generated tokens' last n-gram
 (n from 3 down to 1) is looked up in the prediction, preferring the first occurrence at or after where the
 previous draft came from (so repeated words do not send drafting backwards), and the prediction's next
-tokens are the draft. Accepted and rejected draft tokens are reported in the request's usage.
+tokens are the draft. Where the prediction offers less than asked (the answer left it, e.g. to quote the
+question first), the request's own prompt and output are searched too, as prompt lookup does, and the
+longer draft wins. Accepted and rejected draft tokens are reported in the request's usage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.speculative.base import Drafter, DraftSeq
+from worker.speculative.prompt_lookup import PromptLookup
 
 _NGRAM = 3
 
@@ -25,9 +28,11 @@ class _Prediction:
 
 class PredictionDrafter(Drafter):
     name = "prediction"
+    cheap = True
 
     def __init__(self) -> None:
         self._seqs: dict[int, _Prediction] = {}
+        self._history = PromptLookup(_NGRAM)
 
     def draft(self, seqs: list[DraftSeq]) -> list[list[int]]:
         return [self._draft(seq) for seq in seqs]
@@ -35,6 +40,15 @@ class PredictionDrafter(Drafter):
     def _draft(self, seq: DraftSeq) -> list[int]:
         if not seq.prediction:
             return []
+        draft = self._from_prediction(seq)
+        if len(draft) < seq.k:
+            own = self._history.draft([seq])[0]
+            if len(own) > len(draft):
+                return own
+        return draft
+
+    def _from_prediction(self, seq: DraftSeq) -> list[int]:
+        assert seq.prediction is not None
         state = self._seqs.get(seq.seq_id)
         if state is None or state.tokens != list(seq.prediction):
             state = self._seqs[seq.seq_id] = _index(seq.prediction)
@@ -50,6 +64,7 @@ class PredictionDrafter(Drafter):
 
     def release(self, seq_id: int) -> None:
         self._seqs.pop(seq_id, None)
+        self._history.release(seq_id)
 
 
 def _index(prediction: Sequence[int]) -> _Prediction:

@@ -31,6 +31,7 @@ class _Index:
 
 class PromptLookup(Drafter):
     name = "prompt-lookup-decoding"
+    cheap = True
 
     def __init__(self, max_ngram: int) -> None:
         self.max_ngram = max(1, max_ngram)

@@ -1,0 +1,59 @@
+"""What a decode step costs by its number of output rows, and the draft length that pays best.
+
+Speculation trades rows for steps: a sequence verifying k drafts adds k output rows to the step and, if
+its drafts are accepted with probability p each, gains on average (1 - p^(k+1)) / (1 - p) tokens instead
+of one. Whether that pays depends on the hardware: on a GPU a 33-row decode costs about what a 1-row
+decode costs; on this project's 2-core CPU with Gemma 3 270M (a 262k-token vocabulary, so the output
+matmul dominates) 2 output rows cost 2.1x one row, 8 rows 4x, 16 rows 6.4x, and sizes that are not a
+multiple of 8 cost more than the next multiple (llama.cpp's CPU matmul tiles). No fixed rule fits both, so
+the worker measures the curve once at start (`worker/speculative/calibrate.py`) and `StepCosts.best_k`
+picks, per sequence and step, the draft length with the most expected tokens per second, counting the
+step's time outside llama_decode too (planning, sampling, frames), which the scheduler keeps measuring.
+No llama.cpp here: the scheduler's unit tests give it made-up curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+P_MAX = 0.99  # an acceptance estimate is never trusted beyond this (one wrong token ends a draft)
+_OVERHEAD_WEIGHT = 0.05  # EMA weight of each new measurement of the time outside llama_decode
+
+
+class StepCosts:
+    """Seconds of a decode step by its output rows (`rows[n - 1]`) plus the per-step overhead."""
+
+    def __init__(self, rows: Sequence[float], overhead: float = 0.0) -> None:
+        if not rows or min(rows) <= 0:
+            raise ValueError("step costs need at least one positive measurement")
+        self.rows = [float(seconds) for seconds in rows]
+        self.overhead = overhead
+
+    def cost(self, n_rows: int) -> float:
+        """Seconds of a step with `n_rows` output rows, extrapolated linearly beyond the measured ones."""
+        rows = self.rows
+        if n_rows <= len(rows):
+            return rows[max(n_rows, 1) - 1] + self.overhead
+        slope = (rows[-1] - rows[0]) / (len(rows) - 1) if len(rows) > 1 else rows[0]
+        return rows[-1] + slope * (n_rows - len(rows)) + self.overhead
+
+    def observe_overhead(self, seconds: float) -> None:
+        """One step's time outside llama_decode (a running average: machines are noisy)."""
+        if seconds >= 0:
+            self.overhead += _OVERHEAD_WEIGHT * (seconds - self.overhead)
+
+    def best_k(self, p: float, longest: int, rows: int, tokens: float) -> tuple[int, float]:
+        """The draft length (0 .. `longest`) for one sequence that maximizes the step's expected tokens per
+        second, given the `rows` output rows and `tokens` expected tokens already in the step (this
+        sequence's own pending row included); returns it with its expected extra tokens."""
+        p = min(max(p, 0.0), P_MAX)
+        best_k, best_gain = 0, 0.0
+        best_rate = tokens / self.cost(rows)
+        gain, term = 0.0, 1.0
+        for k in range(1, longest + 1):
+            term *= p
+            gain += term  # expected accepted drafts: p + p^2 + ... + p^k
+            rate = (tokens + gain) / self.cost(rows + k)
+            if rate > best_rate:
+                best_k, best_gain, best_rate = k, gain, rate
+        return best_k, best_gain
