@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 
 from bench.serving import make_prompts, run_load
-from shared.config import load_config
+from shared.config import ModelOptions, load_config
 from shared.models import resolve_model_path
 from shared.vocab import Vocab
 
@@ -180,6 +181,54 @@ def _acceptance(before: dict[str, float], after: dict[str, float], provider: str
     return f"{provider}: drafted {drafted:.0f}, accepted {accepted:.0f} ({rate:.1%})"
 
 
+def _render(body: dict[str, Any]) -> str:
+    """The text our chat template (configs/gemma-3-270m.json) makes of a one-message request, without the
+    BOS token (llama-server adds it)."""
+    content = body["messages"][0]["content"].strip()
+    return f"<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+
+
+async def _llama_server_sequential(base_url: str, bodies: list[dict[str, Any]]) -> Timed:
+    """The copying requests against llama-server's /completion, the same prompt text as ours."""
+    out = Timed()
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        for body in bodies:
+            request = {
+                "prompt": _render(body),
+                "n_predict": body["max_tokens"],
+                "temperature": 0,
+                "ignore_eos": True,
+                "cache_prompt": False,
+            }
+            started = time.perf_counter()
+            response = await client.post("/completion", json=request)
+            response.raise_for_status()
+            out.seconds += time.perf_counter() - started
+            out.tokens += int(response.json()["tokens_predicted"])
+    return out
+
+
+def _llama_server_copy(binary: str, options: ModelOptions, rounds: int, n: int) -> dict[str, Timed]:
+    """llama-server without and with its n-gram speculation (`--spec-type ngram-simple`, its defaults), on
+    the copying documents, one server at a time."""
+    from bench.vs_llama_server import llama_server
+    from tests.integration.server import free_port
+
+    results: dict[str, Timed] = {}
+    gguf = resolve_model_path(options)
+    for name, extra in (("off", ()), ("ngram-simple", ("--spec-type", "ngram-simple"))):
+        total = results.setdefault(name, Timed())
+        with llama_server(binary, gguf, options, free_port(), extra) as url:
+            asyncio.run(_llama_server_sequential(url, _bodies(range(1000, 1001), False, True, False)))
+            for r in range(rounds):
+                result = asyncio.run(
+                    _llama_server_sequential(url, _bodies(range(r * n, (r + 1) * n), False, True, False))
+                )
+                total.seconds += result.seconds
+                total.tokens += result.tokens
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-C", "--config", default="configs/gemma-3-270m.json")
@@ -191,6 +240,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--passive-threads",
         action="store_true",
         help="OMP_WAIT_POLICY=passive (a machine shared with other work; each decode then wakes threads)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        default=os.environ.get("LLAMA_SERVER_BIN"),
+        help="a llama-server binary (default $LLAMA_SERVER_BIN): also time its copying with ngram-simple",
     )
     args = parser.parse_args(argv)
 
@@ -277,6 +331,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     for line in acceptance:
         print(f"acceptance, {line}")
+    if args.llama_server:
+        theirs = _llama_server_copy(args.llama_server, config.model, args.rounds, n)
+        their_off, their_on = theirs["off"].rate, theirs["ngram-simple"].rate
+        print(
+            f"llama-server copying: off {their_off:.1f} / ngram-simple {their_on:.1f} tok/s = "
+            f"{their_on / their_off:.2f}x; ours on / theirs on = {best['copy on'].rate / their_on:.2f}x"
+        )
     print(f"steps with speculation: {steps:.0f}")
     return {"copy": copy, "edit": edit, "serving": serve}
 

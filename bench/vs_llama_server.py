@@ -22,7 +22,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,12 @@ async def _stream_one(base_url: str, prompt: list[int], max_tokens: int) -> Stre
 
 
 @contextlib.contextmanager
-def llama_server(binary: str, gguf: Path, options: ModelOptions, port: int) -> Iterator[str]:
+def llama_server(
+    binary: str, gguf: Path, options: ModelOptions, port: int, extra: Sequence[str] = ()
+) -> Iterator[str]:
     """llama-server with the worker's context shape: n_ctx, slots, batch, threads, per-slot KV streams,
-    full-size sliding-window KV (llama.cpp's context default, which the worker keeps)."""
+    full-size sliding-window KV (llama.cpp's context default, which the worker keeps); `extra` arguments
+    after those (e.g. its speculative decoding)."""
     args = [
         binary,
         "-m",
@@ -102,6 +105,7 @@ def llama_server(binary: str, gguf: Path, options: ModelOptions, port: int) -> I
         "--cache-ram",
         "0",
         "--no-webui",
+        *extra,
     ]
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
