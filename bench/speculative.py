@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,25 +210,24 @@ async def _llama_server_sequential(base_url: str, bodies: list[dict[str, Any]]) 
     return out
 
 
-def _llama_server_copy(binary: str, options: ModelOptions, rounds: int, n: int) -> dict[str, Timed]:
-    """llama-server without and with its n-gram speculation (`--spec-type ngram-simple`, its defaults), on
-    the copying documents, one server at a time."""
+@contextlib.contextmanager
+def _llama_servers(binary: str | None, options: ModelOptions) -> Iterator[dict[str, str]]:
+    """llama-server without and with its n-gram speculation (`--spec-type ngram-simple`, its defaults),
+    warmed up; none without a binary."""
+    if binary is None:
+        yield {}
+        return
     from bench.vs_llama_server import llama_server
     from tests.integration.server import free_port
 
-    results: dict[str, Timed] = {}
     gguf = resolve_model_path(options)
-    for name, extra in (("off", ()), ("ngram-simple", ("--spec-type", "ngram-simple"))):
-        total = results.setdefault(name, Timed())
-        with llama_server(binary, gguf, options, free_port(), extra) as url:
+    with (
+        llama_server(binary, gguf, options, free_port()) as off,
+        llama_server(binary, gguf, options, free_port(), ("--spec-type", "ngram-simple")) as on,
+    ):
+        for url in (off, on):
             asyncio.run(_llama_server_sequential(url, _bodies(range(1000, 1001), False, True, False)))
-            for r in range(rounds):
-                result = asyncio.run(
-                    _llama_server_sequential(url, _bodies(range(r * n, (r + 1) * n), False, True, False))
-                )
-                total.seconds += result.seconds
-                total.tokens += result.tokens
-    return results
+        yield {"theirs off": off, "theirs on": on}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with (
         run_server(plain, api_key=None, passive_threads=passive) as off_server,
         run_server(model, api_key=None, passive_threads=passive) as on_server,
+        _llama_servers(args.llama_server, config.model) as theirs,
     ):
         urls = {False: off_server.base_url, True: on_server.base_url}
         for url in urls.values():  # warm-up (the on side measures its step costs here)
@@ -295,10 +297,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for r in range(args.rounds):
             last = r == args.rounds - 1
             workload("copy", range(r * n, (r + 1) * n), False, "prompt-lookup-decoding", last)
+            for name, url in theirs.items():  # the same documents, in the same round
+                keep(
+                    name,
+                    asyncio.run(
+                        _llama_server_sequential(url, _bodies(range(r * n, (r + 1) * n), False, True, False))
+                    ),
+                )
             workload("edit", range(100 + r * n, 100 + (r + 1) * n), True, "prediction", last)
         serving: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
         for r in range(args.rounds):
-            for on in (False, True):
+            for on in (False, True) if r % 2 == 0 else (True, False):  # neither side always goes first
                 prompts = serving_prompts[r]
                 result = asyncio.run(run_load(urls[on], prompts, 64, 16, extra={"speculative": on}))
                 serving[on].append((result.output_tokens, result.seconds))
@@ -331,9 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     for line in acceptance:
         print(f"acceptance, {line}")
-    if args.llama_server:
-        theirs = _llama_server_copy(args.llama_server, config.model, args.rounds, n)
-        their_off, their_on = theirs["off"].rate, theirs["ngram-simple"].rate
+    if "theirs on" in best:
+        their_off, their_on = best["theirs off"].rate, best["theirs on"].rate
         print(
             f"llama-server copying: off {their_off:.1f} / ngram-simple {their_on:.1f} tok/s = "
             f"{their_on / their_off:.2f}x; ours on / theirs on = {best['copy on'].rate / their_on:.2f}x"

@@ -431,6 +431,8 @@ class Scheduler:
         """Draft tokens for the decoding sequences that speculate, within `budget` extra rows; a draft
         never takes a sequence past its `max_tokens` or its context (see worker/speculative/)."""
         assert self.spec is not None
+        if self.spec.max_batch is not None and len(decoding) > self.spec.max_batch:
+            return {}
         candidates = []
         for seq in decoding:
             submit = seq.request.submit

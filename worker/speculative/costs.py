@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 P_MAX = 0.99  # an acceptance estimate is never trusted beyond this (one wrong token ends a draft)
+# A draft must promise this much more throughput than none: estimates and timings are noisy, and a
+# marginal gain is not worth a risk (copying and editing gain 2x and more).
+MARGIN = 1.1
 _OVERHEAD_WEIGHT = 0.05  # EMA weight of each new measurement of the time outside llama_decode
 
 
@@ -48,7 +51,7 @@ class StepCosts:
         sequence's own pending row included); returns it with its expected extra tokens."""
         p = min(max(p, 0.0), P_MAX)
         best_k, best_gain = 0, 0.0
-        best_rate = tokens / self.cost(rows)
+        best_rate = MARGIN * tokens / self.cost(rows)
         gain, term = 0.0, 1.0
         for k in range(1, longest + 1):
             term *= p
