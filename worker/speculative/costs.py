@@ -4,7 +4,7 @@ Speculation trades rows for steps: a sequence verifying k drafts adds k output r
 its drafts are accepted with probability p each, gains on average (1 - p^(k+1)) / (1 - p) tokens instead
 of one. Whether that pays depends on the hardware: on a GPU a 33-row decode costs about what a 1-row
 decode costs; on this project's 2-core CPU with Gemma 3 270M (a 262k-token vocabulary, so the output
-matmul dominates) 2 output rows cost 2.1x one row, 8 rows 4x, 16 rows 6.4x, and sizes that are not a
+matmul dominates) 2 output rows cost 2.1x one row, 8 rows 3.9x, 16 rows 5.1x, and sizes that are not a
 multiple of 8 cost more than the next multiple (llama.cpp's CPU matmul tiles). No fixed rule fits both, so
 the worker measures the curve once at start (`worker/speculative/calibrate.py`) and `StepCosts.best_k`
 picks, per sequence and step, the draft length with the most expected tokens per second, counting the
