@@ -6,9 +6,10 @@ of one. Whether that pays depends on the hardware: on a GPU a 33-row decode cost
 decode costs; on this project's 2-core CPU with Gemma 3 270M (a 262k-token vocabulary, so the output
 matmul dominates) 2 output rows cost 2.1x one row, 8 rows 3.9x, 16 rows 5.1x, and sizes that are not a
 multiple of 8 cost more than the next multiple (llama.cpp's CPU matmul tiles). No fixed rule fits both, so
-the worker measures the curve once at start (`worker/speculative/calibrate.py`) and `StepCosts.best_k`
-picks, per sequence and step, the draft length with the most expected tokens per second, counting the
-step's time outside llama_decode too (planning, sampling, frames), which the scheduler keeps measuring.
+the worker measures the curve once, on the first sequence about to draft (worker/speculative/calibrate.py),
+and `StepCosts.best_k` picks, per sequence and step, the draft length with the most expected tokens per
+second, counting the step's time outside llama_decode too (planning, sampling, frames), which the scheduler
+keeps measuring.
 No llama.cpp here: the scheduler's unit tests give it made-up curves.
 """
 
