@@ -22,7 +22,8 @@ import msgspec
 # stop_token_ids, the frames' step, ready's model, the frame usage's token counts); `shutdown` removed.
 # 3: speculative decoding: submit `prediction` and `speculative`, the frame item's `prediction_tokens`, the
 # stats' `spec_*` counters.
-PROTOCOL_VERSION = 3
+# 4: the stats' measured decode step costs (`spec_step_seconds`, `spec_step_overhead_seconds`).
+PROTOCOL_VERSION = 4
 
 # Finish reasons a worker reports.
 FINISH_STOP = "stop"
@@ -232,6 +233,10 @@ class WorkerStats(msgspec.Struct, forbid_unknown_fields=True):
     spec_drafted_by_position: list[int] = msgspec.field(default_factory=list)
     spec_accepted_by_position: list[int] = msgspec.field(default_factory=list)
     spec_steps_total: int = 0
+    # Speculation's cost curve: seconds of a decode step by output rows (index: rows - 1; empty until
+    # measured) and the time a step spends outside llama_decode (worker/speculative/costs.py).
+    spec_step_seconds: list[float] = msgspec.field(default_factory=list)
+    spec_step_overhead_seconds: float = 0.0
     # LoRA: named adapters loaded, switches of the context's adapter set, and per adapter name ("": base)
     # requests admitted and tokens generated.
     adapters_loaded: int = 0

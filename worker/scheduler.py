@@ -588,6 +588,9 @@ class Scheduler:
             stats.spec_drafted_by_position = list(spec.drafted_at)
             stats.spec_accepted_by_position = list(spec.accepted_at)
             stats.spec_steps_total = spec.steps
+            if self.spec.costs is not None:
+                stats.spec_step_seconds = list(self.spec.costs.rows)
+                stats.spec_step_overhead_seconds = self.spec.costs.overhead
         if self.checkpoints is not None:
             stats.checkpoint_restores_total = self.checkpoints.restores
             stats.checkpoint_bytes = self.checkpoints.bytes

@@ -161,7 +161,9 @@ class _WorkerCollector(Collector):
         yield from _adapter_families(self._pools)
 
 
-def _speculation_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[CounterMetricFamily]:
+def _speculation_families(
+    pools: list[tuple[str, Dispatcher]],
+) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     """Speculative decoding: drafted / accepted tokens by provider, by draft position, and steps."""
     drafted = CounterMetricFamily(
         "llamafleet_spec_drafted_tokens", "Draft tokens verified", labels=["worker", "provider"]
@@ -195,6 +197,29 @@ def _speculation_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[Count
                 accepted_at.add_metric([label, str(position)], float(taken))
             steps.add_metric([label], float(stats.spec_steps_total))
     yield from (drafted, accepted, drafted_at, accepted_at, steps)
+    yield from _step_cost_families(pools)
+
+
+def _step_cost_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[GaugeMetricFamily]:
+    """The decode step costs speculation chooses draft lengths from, as each worker last measured them."""
+    by_rows = GaugeMetricFamily(
+        "llamafleet_spec_step_cost_seconds",
+        "Seconds of a decode step by its output rows, as the worker measured them (speculation's cost curve)",
+        labels=["worker", "rows"],
+    )
+    overhead = GaugeMetricFamily(
+        "llamafleet_spec_step_overhead_seconds",
+        "Seconds an engine step spends outside llama_decode (speculation's cost curve)",
+        labels=["worker"],
+    )
+    for prefix, dispatcher in pools:
+        for worker in dispatcher.workers.values():
+            stats, label = worker.stats, f"{prefix}{worker.index}"
+            for rows, seconds in enumerate(stats.spec_step_seconds, start=1):
+                by_rows.add_metric([label, str(rows)], seconds)
+            if stats.spec_step_seconds:
+                overhead.add_metric([label], stats.spec_step_overhead_seconds)
+    yield from (by_rows, overhead)
 
 
 def _adapter_families(pools: list[tuple[str, Dispatcher]]) -> Iterator[CounterMetricFamily]:

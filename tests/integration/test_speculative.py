@@ -88,6 +88,11 @@ def test_greedy_prompt_lookup_equals_plain_greedy(server: Server) -> None:
     time.sleep(1.2)  # a heartbeat
     after = metric(server, "llamafleet_spec_accepted_tokens_total", 'provider="prompt-lookup-decoding"')
     assert after > before, "prompt lookup never had a draft accepted: the test proves nothing"
+    # The cost curve the draft lengths came from was measured on the first drafting sequence: 1 .. k+1 rows
+    # at least (predicted outputs draft up to 32), every entry positive.
+    costs = {k: v for k, v in server.metrics().items() if k.startswith("llamafleet_spec_step_cost_seconds{")}
+    assert len(costs) >= 7 and all(v > 0 for v in costs.values()), costs
+    assert metric(server, "llamafleet_spec_step_overhead_seconds") >= 0
     idle(server)
 
 
