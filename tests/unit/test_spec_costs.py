@@ -140,7 +140,24 @@ def test_real_steps_move_the_curve() -> None:
         spec.observe_decode(2, 0.005)
     spec.observe_decode(3, 1.0)  # beyond the curve: ignored
     assert spec.costs is not None
-    assert spec.costs.rows == [0.010, pytest.approx(0.005, rel=0.01)]
+    assert spec.costs.row(2) == pytest.approx(0.005, rel=0.01)
+    assert spec.costs.row(1) < 0.004  # not used yet: scaled as real steps were against the measurement
+
+
+def test_sizes_measured_during_a_spike_come_back_within_reach() -> None:
+    # Measured while something else ran: 3 rows looked 3x too dear. Real 1- and 2-row steps take half
+    # their measured time; the 3-row entry, never used, follows them down.
+    costs = StepCosts([0.010, 0.020, 0.090])
+    assert costs.best_k(0.99, 2, 1, 1.0)[0] == 0
+    for _ in range(100):
+        costs.observe_decode(1, 0.005)
+        costs.observe_decode(2, 0.010)
+    assert costs.scale == pytest.approx(0.5, rel=0.05)
+    assert costs.row(3) == pytest.approx(0.045, rel=0.05)
+    assert costs.rows[:2] == [pytest.approx(0.005, rel=0.01), pytest.approx(0.010, rel=0.01)]
+    costs.observe_decode(4, 1.0)  # beyond the curve, or nonsense: ignored
+    costs.observe_decode(1, 0.0)
+    assert costs.row(1) == pytest.approx(0.005, rel=0.01)
 
 
 def test_no_drafts_while_a_prompt_waits_for_prefill() -> None:

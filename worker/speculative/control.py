@@ -62,7 +62,6 @@ class SpecCounters:
 Calibrator = Callable[[int, int], list[float]]
 
 DEFAULT_MAX_BATCH = 4
-_LEARN = 0.2  # weight of a real step's decode time in the cost curve's entry for its rows
 PREDICTION_K_MAX = 32  # predicted outputs draft up to this many tokens (if n_batch allows)
 _DECAY = 0.6  # weight left to older acceptance evidence at each new observation
 # A new sequence's (accepted, rejected) evidence. Found drafts: p = 0.5, which does not pay on a CPU, so its
@@ -208,9 +207,8 @@ class Speculation:
     def observe_decode(self, n_outputs: int, seconds: float) -> None:
         """A real decode in which every row had outputs (decode and verification rows only): its time
         moves the curve's entry for that many rows, so the curve follows the machine's actual load."""
-        costs = self.costs
-        if costs is not None and 0 < n_outputs <= len(costs.rows):
-            costs.rows[n_outputs - 1] += _LEARN * (seconds - costs.rows[n_outputs - 1])
+        if self.costs is not None:
+            self.costs.observe_decode(n_outputs, seconds)
 
     def verified(self, seq_id: int, drafted: int, accepted: int) -> str:
         """Records one verification; adapts the sequence's draft length; returns the provider's name."""

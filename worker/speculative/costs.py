@@ -22,24 +22,53 @@ P_MAX = 0.99  # an acceptance estimate is never trusted beyond this (one wrong t
 # marginal gain is not worth a risk (copying and editing gain 2x and more).
 MARGIN = 1.1
 _OVERHEAD_WEIGHT = 0.05  # EMA weight of each new measurement of the time outside llama_decode
+_ROW_WEIGHT = 0.2  # EMA weight of a real step's decode time in its row count's entry
+_SCALE_WEIGHT = 0.05  # EMA weight of a real step's time / measured time in the scale of unused entries
 
 
 class StepCosts:
-    """Seconds of a decode step by its output rows (`rows[n - 1]`) plus the per-step overhead."""
+    """Seconds of a decode step by its output rows (`row(n)`) plus the per-step overhead.
+
+    The measured curve is a starting point. A row count that real steps use follows their decode times (a
+    running average); one they have not used yet follows the measurement times how far real steps have
+    been from the measurement overall (`scale`). So a curve measured during a load spike does not keep
+    sizes that real steps never try looking expensive forever."""
 
     def __init__(self, rows: Sequence[float], overhead: float = 0.0) -> None:
         if not rows or min(rows) <= 0:
             raise ValueError("step costs need at least one positive measurement")
-        self.rows = [float(seconds) for seconds in rows]
+        self.measured = [float(seconds) for seconds in rows]
+        self.learned: list[float | None] = [None] * len(rows)
+        self.scale = 1.0  # real decode time / measured, a running average over every row count
         self.overhead = overhead
+
+    def row(self, n_rows: int) -> float:
+        """Seconds of llama_decode with `n_rows` (1 .. the measured count) output rows."""
+        learned = self.learned[n_rows - 1]
+        return learned if learned is not None else self.measured[n_rows - 1] * self.scale
+
+    @property
+    def rows(self) -> list[float]:
+        """The whole curve as it stands (index: rows - 1)."""
+        return [self.row(n) for n in range(1, len(self.measured) + 1)]
 
     def cost(self, n_rows: int) -> float:
         """Seconds of a step with `n_rows` output rows, extrapolated linearly beyond the measured ones."""
-        rows = self.rows
-        if n_rows <= len(rows):
-            return rows[max(n_rows, 1) - 1] + self.overhead
-        slope = (rows[-1] - rows[0]) / (len(rows) - 1) if len(rows) > 1 else rows[0]
-        return rows[-1] + slope * (n_rows - len(rows)) + self.overhead
+        last = len(self.measured)
+        if n_rows <= last:
+            return self.row(max(n_rows, 1)) + self.overhead
+        first, end = self.row(1), self.row(last)
+        slope = (end - first) / (last - 1) if last > 1 else first
+        return end + slope * (n_rows - last) + self.overhead
+
+    def observe_decode(self, n_rows: int, seconds: float) -> None:
+        """A real decode with `n_rows` output rows took `seconds`: moves that row count's entry and the scale
+        of the ones not used yet."""
+        if not 0 < n_rows <= len(self.measured) or seconds <= 0:
+            return
+        self.scale += _SCALE_WEIGHT * (seconds / self.measured[n_rows - 1] - self.scale)
+        current = self.row(n_rows)
+        self.learned[n_rows - 1] = current + _ROW_WEIGHT * (seconds - current)
 
     def observe_overhead(self, seconds: float) -> None:
         """One step's time outside llama_decode (a running average: machines are noisy)."""
