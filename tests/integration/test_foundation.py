@@ -188,9 +188,14 @@ def test_worker_killed_with_requests_in_flight_fails_fast_then_recovers(
                 time.sleep(0.05)
         restarted_after = time.monotonic() - killed_at
         print(f"restart: {len(during) - 1} x 503 then 200 after {restarted_after:.2f} s")
-        # Once healthy, the first request succeeds (and so does the next).
+        # Once healthy, the first request succeeds (and so does the next). Greedy and past the end of
+        # generation: sampled at the default temperature the tiny model once drew it as its second token.
         reply = client.chat.completions.create(
-            model="test-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            model="test-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         assert reply.usage is not None and reply.usage.completion_tokens == 4
         assert server.workers() and server.workers() != [worker_pid]
