@@ -81,10 +81,14 @@ def test_without_max_tokens_the_simulator_default_ends_the_answer(server: Server
 
 
 def test_requests_beyond_the_slots_queue_and_all_finish(server: Server) -> None:
+    # 100 tokens of 5 ms: the queue lasts about a second, long enough for the polled gauge to see it on a
+    # loaded machine (with 20 tokens it lasted ~0.25 s and a CI run sampled it only 3 times, all 0).
+    tokens = 100
+
     async def run() -> list[int]:
         async with httpx.AsyncClient(base_url=server.v1, timeout=30) as http:
             headers = {"Authorization": f"Bearer {server.api_key}"}
-            body = {"model": "test-model", "prompt": "x", "max_tokens": 20, "stream": True}
+            body = {"model": "test-model", "prompt": "x", "max_tokens": tokens, "stream": True}
 
             async def one() -> int:
                 events = 0
@@ -106,7 +110,7 @@ def test_requests_beyond_the_slots_queue_and_all_finish(server: Server) -> None:
         return await task
 
     counts = asyncio.run(watch_and_run())
-    assert counts == [20] * (3 * SLOTS)
+    assert counts == [tokens] * (3 * SLOTS)
     assert max(queued_seen) > 0, "six requests on two slots never queued"
     wait_idle(server)
 
