@@ -239,9 +239,9 @@ class ModelOptions(BaseModel):
     draft_model_max_batch_size: int | None = Field(default=None, ge=1)
     draft_model_threads: int | None = Field(default=None, gt=0)
     draft_model_threads_batch: int | None = Field(default=None, gt=0)
-    # Seconds the worker may spend at start measuring decode cost by output rows, which draft lengths are
-    # chosen from (llamafleet; worker/speculative/costs.py). None: 3 with a draft_model, else 1.5 (predicted
-    # outputs only); 0: measure nothing and adapt draft lengths to acceptance alone.
+    # Seconds the worker may spend, once, measuring decode cost by output rows on the first sequence about to
+    # draft; draft lengths are chosen from that curve (llamafleet; worker/speculative/costs.py). None: 3;
+    # 0: measure nothing and adapt draft lengths to acceptance alone.
     draft_model_calibration_seconds: float | None = Field(default=None, ge=0.0, le=60.0)
     # Output parsing.
     response_schema: dict[str, Any] | None = None

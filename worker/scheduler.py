@@ -385,8 +385,10 @@ class Scheduler:
         )
         budget = self.n_batch - len(decoding)
         # No drafts while prompts wait for prefill: their rows would take the prefill's budget and compute.
-        speculate = bool(decoding) and not any(r.prefilling for r in self.running.values())
-        drafts = self._drafts(decoding, budget) if self.spec is not None and speculate else {}
+        speculate = (
+            self.spec is not None and decoding and not any(r.prefilling for r in self.running.values())
+        )
+        drafts = self._drafts(decoding, budget) if speculate else {}
         work: list[SeqWork] = []
         media: list[tuple[int, MediaSpan]] = []
         for seq in decoding:
@@ -431,7 +433,7 @@ class Scheduler:
         """Draft tokens for the decoding sequences that speculate, within `budget` extra rows; a draft
         never takes a sequence past its `max_tokens` or its context (see worker/speculative/)."""
         assert self.spec is not None
-        if self.spec.max_batch is not None and len(decoding) > self.spec.max_batch:
+        if self.spec.paused(len(decoding)):  # before building candidates: their histories are long lists
             return {}
         candidates = []
         for seq in decoding:

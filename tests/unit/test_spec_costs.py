@@ -65,7 +65,7 @@ def make(
 ) -> tuple[Scheduler, SpecRunner, Speculation]:
     runner = SpecRunner(Shape(**shape))  # type: ignore[arg-type]
     costs = StepCosts(curve) if curve is not None else None
-    spec = Speculation(drafter, k, None, PredictionDrafter(), costs, 16)
+    spec = Speculation(drafter, k, None, PredictionDrafter(), costs=costs, prediction_k_max=16)
     return Scheduler(runner, speculation=spec), runner, spec
 
 
@@ -123,7 +123,7 @@ def test_the_curve_is_measured_once_on_the_first_drafting_sequence() -> None:
         return FLAT
 
     runner = SpecRunner(Shape())
-    spec = Speculation(CheapOracle(), 8, None, PredictionDrafter(), calibrate, 16)
+    spec = Speculation(CheapOracle(), 8, None, PredictionDrafter(), calibrate=calibrate, prediction_k_max=16)
     sched = Scheduler(runner, speculation=spec)
     prompt = submit(sched, "a", prompt_of(5, 10), max_tokens=30)
     submit(sched, "b", prompt_of(6, 10), max_tokens=30)
@@ -135,7 +135,7 @@ def test_the_curve_is_measured_once_on_the_first_drafting_sequence() -> None:
 
 
 def test_real_steps_move_the_curve() -> None:
-    spec = Speculation(CheapOracle(), 8, None, None, StepCosts([0.010, 0.020]), 8)
+    spec = Speculation(CheapOracle(), 8, None, costs=StepCosts([0.010, 0.020]), prediction_k_max=8)
     for _ in range(50):
         spec.observe_decode(2, 0.005)
     spec.observe_decode(3, 1.0)  # beyond the curve: ignored
@@ -178,7 +178,7 @@ def test_no_drafts_while_a_prompt_waits_for_prefill() -> None:
 def test_candidates_in_one_step_share_the_curve() -> None:
     # Two sequences, a curve where 16 rows cost what 2 rows cost and more cost a lot: together they fill 16.
     curve = [0.010] * 16 + [1.0] * 17
-    spec = Speculation(CheapOracle(), 16, None, None, StepCosts(curve), 16)
+    spec = Speculation(CheapOracle(), 16, None, costs=StepCosts(curve), prediction_k_max=16)
     for state_seq in (0, 1):
         spec.propose([_cand(state_seq, list(range(1, 12)))], 2)
     for state in spec._state.values():

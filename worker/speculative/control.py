@@ -117,17 +117,19 @@ class Speculation:
         k_max: int,
         max_batch: int | None,
         prediction: Drafter | None = None,
-        calibrate: Calibrator | StepCosts | None = None,
+        *,
+        costs: StepCosts | None = None,
+        calibrate: Calibrator | None = None,
         prediction_k_max: int | None = None,
     ) -> None:
-        """`calibrate`: how to get the step-cost curve (a function measuring it on first use, or the curve
-        itself); None: no curve, draft lengths follow acceptance alone."""
+        """The step-cost curve is `costs`, or measured by `calibrate` on first use; with neither, draft
+        lengths follow acceptance alone."""
         self.drafter = drafter
         self.prediction = prediction
         self.k_max = k_max
         self.prediction_k_max = prediction_k_max or k_max
-        self.costs = calibrate if isinstance(calibrate, StepCosts) else None
-        self._calibrate = None if isinstance(calibrate, StepCosts) else calibrate
+        self.costs = costs
+        self._calibrate = calibrate
         self.max_batch = max_batch
         self.counters = SpecCounters()
         self._state: dict[int, _SeqState] = {}
@@ -139,9 +141,13 @@ class Speculation:
         """Whether a request (with a prediction or not, opted out or not) could draft at all."""
         return speculative and (predicted or self.drafter is not None)
 
+    def paused(self, running: int) -> bool:
+        """Whether speculation is off for a step with `running` decoding sequences (above `max_batch`)."""
+        return self.max_batch is not None and running > self.max_batch
+
     def propose(self, candidates: list[Candidate], running: int) -> dict[int, list[int]]:
         """Drafts by sequence id for the candidates that speculate this step (none above `max_batch`)."""
-        if self.max_batch is not None and running > self.max_batch:
+        if self.paused(running):
             return {}
         asks: dict[str, tuple[Drafter, list[DraftSeq]]] = {}
         chosen: dict[int, tuple[Candidate, _SeqState, bool]] = {}
@@ -159,8 +165,10 @@ class Speculation:
             ask = DraftSeq(cand.seq_id, cand.tokens, k, cand.prompt_len, cand.prediction)
             asks.setdefault(drafter.name, (drafter, []))[1].append(ask)
             chosen[cand.seq_id] = (cand, state, by_cost)
-        if self._calibrate is not None and any(by_cost for _, _, by_cost in chosen.values()):
-            self._measure(next(c for c, _, by_cost in chosen.values() if by_cost))
+        if self._calibrate is not None:
+            first = next((cand for cand, _, by_cost in chosen.values() if by_cost), None)
+            if first is not None:
+                self._measure(first)
         proposals: dict[int, list[int]] = {}
         for drafter, seqs in asks.values():
             for ask, proposed in zip(seqs, drafter.draft(seqs), strict=True):

@@ -55,7 +55,9 @@ def build_speculation(options: ModelOptions, engine: LlamaEngine) -> Speculation
             return None
         calibrate = _calibrator(engine, prediction_k + 1, options.draft_model_calibration_seconds)
         k_max = min(k, info.n_batch - 1)
-        return Speculation(None, k_max, max_batch, PredictionDrafter(), calibrate, prediction_k)
+        return Speculation(
+            None, k_max, max_batch, PredictionDrafter(), calibrate=calibrate, prediction_k_max=prediction_k
+        )
     if info.recurrent:
         raise ConfigError(
             f"model.draft_model {options.draft_model!r}: this model's memory is recurrent (or hybrid) and "
@@ -70,7 +72,9 @@ def build_speculation(options: ModelOptions, engine: LlamaEngine) -> Speculation
         raise ConfigError(f"model.draft_model {options.draft_model!r} is not available in this build")
     drafter = builder(options, engine)
     calibrate = _calibrator(engine, max(k, prediction_k) + 1, options.draft_model_calibration_seconds)
-    return Speculation(drafter, k, max_batch, PredictionDrafter(), calibrate, prediction_k)
+    return Speculation(
+        drafter, k, max_batch, PredictionDrafter(), calibrate=calibrate, prediction_k_max=prediction_k
+    )
 
 
 def _calibrator(engine: LlamaEngine, max_rows: int, seconds: float | None) -> Calibrator | None:
