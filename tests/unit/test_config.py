@@ -78,6 +78,8 @@ def test_unknown_field_names_field_and_file(tmp_path: Path) -> None:
         ({"path": "a", "draft_model": "magic"}, "model.draft_model"),
         ({"path": "a", "draft_model_num_pred_tokens": 0}, "model.draft_model_num_pred_tokens"),
         ({"path": "a", "draft_model_max_ngram_size": 0}, "model.draft_model_max_ngram_size"),
+        ({"path": "a", "draft_model_calibration_seconds": -1}, "model.draft_model_calibration_seconds"),
+        ({"path": "a", "draft_model_calibration_seconds": 61}, "model.draft_model_calibration_seconds"),
         (
             {"path": "a", "draft_model": "prompt-lookup-decoding", "n_batch": 8},
             "model.n_batch 8 leaves no room to verify model.draft_model_num_pred_tokens 16",

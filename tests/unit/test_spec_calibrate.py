@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import llama_cpp
+import pytest
 
 from shared.config import ModelOptions, WorkerOverride
 from shared.protocol import SamplingParams, SubmitRequest
@@ -14,8 +15,15 @@ from worker.speculative.calibrate import measure_step_costs
 from worker.speculative.setup import build_speculation
 
 
-def _engine(path: Path) -> LlamaEngine:
-    options = ModelOptions(path=str(path), n_ctx=1024, n_seq_max=2, n_batch=64, threads=1)
+def _engine(path: Path, calibration: float | None = None) -> LlamaEngine:
+    options = ModelOptions(
+        path=str(path),
+        n_ctx=1024,
+        n_seq_max=2,
+        n_batch=64,
+        threads=1,
+        draft_model_calibration_seconds=calibration,
+    )
     return LlamaEngine(options, path, WorkerOverride())
 
 
@@ -35,11 +43,15 @@ def test_measuring_leaves_the_sequence_as_it_was(tiny_llama_gguf: Path) -> None:
         engine.close()
 
 
-def test_greedy_output_is_the_same_with_a_measured_curve(tiny_llama_gguf: Path) -> None:
-    """A predicted output speculates with the measured curve; the answer equals the plain one."""
+@pytest.mark.parametrize("calibration", [None, 0.5, 0.0])
+def test_greedy_output_is_the_same_with_a_measured_curve(
+    tiny_llama_gguf: Path, calibration: float | None
+) -> None:
+    """A predicted output speculates with the measured curve (`draft_model_calibration_seconds` unset or
+    a budget), or with none (0: acceptance alone); the answer equals the plain one."""
     outputs: list[list[int]] = []
     for speculative in (False, True):
-        engine = _engine(tiny_llama_gguf)
+        engine = _engine(tiny_llama_gguf, calibration)
         speculation = build_speculation(engine.options, engine)
         sched = build_scheduler(engine, speculation=speculation)
         try:
@@ -57,8 +69,11 @@ def test_greedy_output_is_the_same_with_a_measured_curve(tiny_llama_gguf: Path) 
                     tokens.extend(item.token_ids)
             outputs.append(tokens)
             if speculative:
-                assert speculation is not None and speculation.costs is not None
-                assert len(speculation.costs.rows) == 33
+                assert speculation is not None
+                if calibration == 0.0:
+                    assert speculation.costs is None
+                else:
+                    assert speculation.costs is not None and len(speculation.costs.rows) == 33
                 assert speculation.counters.accepted.get("prediction", 0) > 0
         finally:
             sched.close()
