@@ -320,6 +320,16 @@ def test_prediction_drafter_follows_the_prediction_forward() -> None:
     assert drafter.draft([DraftSeq(1, [*prompt, 99], 3, 2, prediction)]) == [[]]
 
 
+def test_prediction_drafter_continues_where_the_output_is_in_templated_text() -> None:
+    # The trigram (1, 2, 3) opens every sentence: after a draft from the first sentence and eleven tokens
+    # that followed the prediction, the output is in the third sentence, not back in the first or second.
+    prediction = [1, 2, 3, 40, 1, 2, 3, 41, 1, 2, 3, 42, 7, 8, 9]
+    drafter = PredictionDrafter()
+    assert drafter.draft([DraftSeq(0, [9, 1, 2], 4, 1, prediction)]) == [[3, 40, 1, 2]]
+    output = [1, 2, 3, 40, 1, 2, 3, 41, 1, 2, 3]
+    assert drafter.draft([DraftSeq(0, [9, *output], 4, 1, prediction)]) == [[42, 7, 8, 9]]
+
+
 @dataclass
 class _Fixed(Drafter):
     drafts: list[list[int]]

@@ -1,9 +1,10 @@
 """OpenAI predicted outputs: a request's `prediction` text (tokenized by the router) is its draft source.
 
 The output is expected to follow the prediction with edits. Each step the generated tokens' last n-gram
-(n from 3 down to 1) is looked up in the prediction, preferring the first occurrence at or after where the
-previous draft came from (so repeated words do not send drafting backwards), and the prediction's next
-tokens are the draft. Where the prediction offers less than asked (the answer left it, e.g. to quote the
+(n from 3 down to 1) is looked up in the prediction, preferring the occurrence nearest where the output
+would be had it followed the prediction since the previous draft (so templated text, where the same words
+recur every sentence, neither sends drafting back nor skips ahead), and the prediction's next tokens are
+the draft. Where the prediction offers less than asked (the answer left it, e.g. to quote the
 question first), the request's own prompt and output are searched too, as prompt lookup does, and the
 longer draft wins. Accepted and rejected draft tokens are reported in the request's usage.
 """
@@ -23,7 +24,8 @@ _NGRAM = 3
 class _Prediction:
     tokens: list[int]
     ends: dict[tuple[int, ...], list[int]]  # n-gram -> its end positions in the prediction, ascending
-    cursor: int = 0  # where the last draft started
+    cursor: int = 0  # where in the prediction the last draft started
+    drafted_at: int = 0  # how many tokens had been generated then
 
 
 class PredictionDrafter(Drafter):
@@ -57,8 +59,11 @@ class PredictionDrafter(Drafter):
             ends = state.ends.get(tuple(output[len(output) - n :]))
             if not ends:
                 continue
-            end = next((e for e in ends if e + 1 >= state.cursor), ends[-1])
-            state.cursor = end + 1
+            # Where the output should be in the prediction if it followed it since the last draft: the
+            # occurrence nearest that (the later of two as near) continues it, not an earlier repeat.
+            expected = state.cursor + len(output) - state.drafted_at
+            end = min(reversed(ends), key=lambda e: abs(e + 1 - expected))
+            state.cursor, state.drafted_at = end + 1, len(output)
             return state.tokens[end + 1 : end + 1 + seq.k]
         return []
 
