@@ -10,6 +10,7 @@ from bench import (
     prefix,
     router_capacity,
     serving,
+    spec_ceiling,
     speculative,
     step_overhead,
     structured_budget,
@@ -25,6 +26,8 @@ def main() -> None:
     prefix.main([])
     print("\n== speculative decoding: prompt lookup, predicted outputs ==")
     speculative.main([])
+    print("\n== speculative decoding: the most it could gain on this machine ==")
+    spec_ceiling.main([])
     print("\n== host overhead per engine step ==")
     step_overhead.main([])
     print("\n== wire format: frames messages ==")

@@ -134,7 +134,7 @@ async def _chat(client: httpx.AsyncClient, body: dict[str, Any], out: Timed) -> 
     out.rejected_prediction += details.get("rejected_prediction_tokens", 0)
 
 
-def _bodies(seeds: range, edit: bool, speculative: bool, predict: bool) -> list[dict[str, Any]]:
+def request_bodies(seeds: range, edit: bool, speculative: bool, predict: bool) -> list[dict[str, Any]]:
     bodies = []
     for seed in seeds:
         doc = document(seed)
@@ -226,7 +226,7 @@ def _llama_servers(binary: str | None, options: ModelOptions) -> Iterator[dict[s
         llama_server(binary, gguf, options, free_port(), ("--spec-type", "ngram-simple")) as on,
     ):
         for url in (off, on):
-            asyncio.run(_llama_server_sequential(url, _bodies(range(1000, 1001), False, True, False)))
+            asyncio.run(_llama_server_sequential(url, request_bodies(range(1000, 1001), False, True, False)))
         yield {"theirs off": off, "theirs on": on}
 
 
@@ -282,13 +282,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ):
         urls = {False: off_server.base_url, True: on_server.base_url}
         for url in urls.values():  # warm-up (the on side measures its step costs here)
-            asyncio.run(_sequential(url, _bodies(range(1000, 1001), False, True, True)))
+            asyncio.run(_sequential(url, request_bodies(range(1000, 1001), False, True, True)))
         metrics = httpx.Client(base_url=on_server.base_url, timeout=30)
 
         def workload(name: str, seeds: range, edit: bool, provider: str, last: bool) -> None:
-            keep(f"{name} off", asyncio.run(_sequential(urls[False], _bodies(seeds, edit, False, False))))
+            keep(
+                f"{name} off",
+                asyncio.run(_sequential(urls[False], request_bodies(seeds, edit, False, False))),
+            )
             before = _spec_counters(metrics.get("/metrics").text)
-            keep(f"{name} on", asyncio.run(_sequential(urls[True], _bodies(seeds, edit, True, edit))))
+            keep(f"{name} on", asyncio.run(_sequential(urls[True], request_bodies(seeds, edit, True, edit))))
             if last:
                 time.sleep(1.5)  # a heartbeat carries the counters
                 after = _spec_counters(metrics.get("/metrics").text)
@@ -301,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 keep(
                     name,
                     asyncio.run(
-                        _llama_server_sequential(url, _bodies(range(r * n, (r + 1) * n), False, True, False))
+                        _llama_server_sequential(
+                            url, request_bodies(range(r * n, (r + 1) * n), False, True, False)
+                        )
                     ),
                 )
             workload("edit", range(100 + r * n, 100 + (r + 1) * n), True, "prediction", last)
