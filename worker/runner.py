@@ -57,7 +57,6 @@ class ModelRunner:
         self._get_logits = llama_cpp.llama_get_logits
         self._logits_key = (0, 0)
         self._logits_view: npt.NDArray[np.float32] = np.zeros((0, 0), dtype=np.float32)
-        self.last_decode_seconds = 0.0  # the last step's llama_decode, for speculation's cost model
 
     # -- what the scheduler reads -------------------------------------------------------------------
 
@@ -146,8 +145,8 @@ class ModelRunner:
         rows = self._fill(work)
         started = time.perf_counter()
         status = 1 if injected else self.engine.decode(self.engine.batch.size)
-        self.last_decode_seconds = time.perf_counter() - started
         if status == 0:
+            output.decode_seconds = time.perf_counter() - started
             self._after_decode(work, rows, output)
             return output
         output.decode_failures += 1

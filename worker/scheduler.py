@@ -351,18 +351,18 @@ class Scheduler:
             self._refresh_stats()
             return StepResult([], errors)
         plan = self.plan()
-        result = self.commit(plan, self.runner.execute(plan))
+        output = self.runner.execute(plan)
+        result = self.commit(plan, output)
         result.errors[:0] = errors
         if self.spec is not None:
-            self._observe_costs(plan)
+            self._observe_costs(plan, output.decode_seconds)
         return result
 
-    def _observe_costs(self, plan: StepPlan) -> None:
-        """Tells speculation's cost model what this step's llama_decode took (a step of decode and
-        verification rows only) and the time between two busy steps spent outside llama_decode."""
+    def _observe_costs(self, plan: StepPlan, timed: float | None) -> None:
+        """Tells speculation's cost model what this step's llama_decode took (`timed`, for a step of decode
+        and verification rows only) and the time between two busy steps spent outside llama_decode."""
         assert self.spec is not None
         now = time.perf_counter()
-        timed: float | None = getattr(self.runner, "last_decode_seconds", None)  # runners that time decodes
         decoding = timed or 0.0
         if timed is not None and not plan.media and all(len(w.tokens) == w.n_logits for w in plan.work):
             self.spec.observe_decode(sum(item.n_logits for item in plan.work), timed)

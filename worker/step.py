@@ -93,6 +93,9 @@ class StepOutput:
     # By sequence id: its request fails; the runner has already undone the step's KV for it.
     failures: dict[int, Failure] = field(default_factory=dict)
     decode_failures: int = 0  # llama_decode calls that failed (a failed batch is retried request by request)
+    # Seconds the step's batch took in llama_decode when it went through whole (speculation's cost model
+    # learns from them); None when the runner does not time it or the batch failed.
+    decode_seconds: float | None = None
 
 
 class ModelShape(Protocol):

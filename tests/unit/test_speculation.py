@@ -30,6 +30,7 @@ from tests.unit.test_scheduler import (
 from worker.scheduler import Scheduler
 from worker.speculative.base import Drafter, DraftSeq
 from worker.speculative.control import Candidate, Speculation
+from worker.speculative.costs import StepCosts
 from worker.speculative.prediction import PredictionDrafter
 from worker.speculative.prompt_lookup import PromptLookup
 from worker.step import Failure, SeqResult, StepOutput, StepPlan
@@ -353,3 +354,29 @@ def test_every_kv_cell_is_returned_under_mixed_load(k: int) -> None:
         assert run.tokens[f"r{i}", 0] == reference(prompt_of(i, 4 + i), 3 + i)
     assert_all_returned(sched, runner)
     assert_kv_matches_cache(sched, runner)
+
+
+@dataclass
+class TimedRunner(SpecRunner):
+    """Reports every batch as taking 2 ms per row in llama_decode."""
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        out = super().execute(plan)
+        out.decode_seconds = 0.002 * plan.n_tokens
+        return out
+
+
+def test_the_cost_curve_learns_from_decode_steps_only() -> None:
+    runner = TimedRunner(Shape())
+    costs = StepCosts([0.010] * 8)
+    spec = Speculation(None, 4, None, PredictionDrafter(), costs=costs)
+    sched = Scheduler(runner, speculation=spec)
+    submit(sched, "a", prompt_of(1, 6), max_tokens=4)
+    sched.step()  # the prompt: 6 rows, one output row: not a decode step's time
+    assert costs.learned == [None] * 8
+    sched.step()  # one decode row, 2 ms: exactly what the curve hears
+    expected = StepCosts([0.010] * 8)
+    expected.observe_decode(1, 0.002)
+    assert costs.learned == expected.learned and costs.learned[0] is not None
+    drive(sched)
+    assert_all_returned(sched, runner)
