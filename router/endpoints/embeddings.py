@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field
 
 from router.api.errors import APIError
 from router.api.unicode_check import UnicodeCheckedModel
+from router.openai.nullable import NullMeansDefault
 from router.state import ServerState
 from shared.protocol import EmbedRequest
 from shared.vocab import TokenizerError
@@ -28,7 +29,7 @@ MAX_INPUTS = 2048
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class EmbeddingRequest(UnicodeCheckedModel):
+class EmbeddingRequest(NullMeansDefault, UnicodeCheckedModel):
     """OpenAI's fields plus two extensions: `truncate` (cut long inputs instead of a 400) and `normalize`."""
 
     model_config = ConfigDict(extra="allow")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from router.api.errors import APIError
 from router.api.unicode_check import UnicodeCheckedModel, lone_surrogate_param
 from router.client.generation import Generation, Usage
+from router.openai.nullable import NullMeansDefault
 from router.openai.requests import INT64_MAX, INT64_MIN, ChatCompletionRequest
 from router.parsers.output import ChoiceOutput
 from router.preprocess.chat_plan import ChatPlan, RequestFields, chat_generation
@@ -60,7 +61,7 @@ class ReasoningOptions(BaseModel):
     summary: str | None = None
 
 
-class ResponsesRequest(UnicodeCheckedModel):
+class ResponsesRequest(NullMeansDefault, UnicodeCheckedModel):
     """POST /v1/responses (and the fields of a WebSocket `response.create`). Unknown fields are ignored."""
 
     model_config = _LENIENT

@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI endpoints, validated as OpenAI validates them (bad values are 400s).
+"""Request bodies of the OpenAI endpoints, validated as OpenAI validates them (bad values are 400s; null
+for an optional field is the default: router/openai/nullable.py).
 
 Unknown fields are accepted and ignored, as OpenAI-compatible servers do, so newer clients keep working;
 llama.cpp extensions (top_k, min_p, repeat_penalty, grammar, ...) are accepted by name.
@@ -11,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.api.unicode_check import UnicodeCheckedModel
+from router.openai.nullable import NullMeansDefault
 from shared.config import LORA_SCALE_LIMIT
 
 _LENIENT = ConfigDict(extra="allow")
@@ -21,12 +23,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(NullMeansDefault):
     model_config = _LENIENT
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(NullMeansDefault):
     model_config = _LENIENT
     name: str = "response"
     description: str | None = None
@@ -46,7 +48,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class SamplingFields(UnicodeCheckedModel):
+class SamplingFields(NullMeansDefault, UnicodeCheckedModel):
     """Fields shared by completions and chat completions."""
 
     model_config = _LENIENT

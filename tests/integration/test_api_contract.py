@@ -167,6 +167,27 @@ def test_lone_surrogate_is_a_400_naming_the_field(server: Server, path: str, raw
         assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_null_for_an_optional_field_is_its_default(server: Server) -> None:
+    """OpenAI takes null for "integer or null" fields; clients that serialize every field send them."""
+    reply = server.client().chat.completions.create(
+        model="test-model", messages=CHAT, max_tokens=4, temperature=0, n=None, logprobs=None, seed=None
+    )
+    assert len(reply.choices) == 1 and reply.choices[0].logprobs is None
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    nulls = {"stream": None, "n": None, "echo": None, "ignore_eos": None, "speculative": None}
+    with server.http() as http:
+        completion = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, **nulls})
+        assert completion.status_code == 200, completion.text
+        assert completion.headers["content-type"].startswith("application/json")  # not a stream
+        assert len(completion.json()["choices"]) == 1
+        body = {"input": "hi", "max_output_tokens": 3, "stream": None, "parallel_tool_calls": None}
+        response = http.post("/v1/responses", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["object"] == "response" and response.json()["parallel_tool_calls"] is True
+        refused = http.post("/v1/chat/completions", json={"messages": None, "max_tokens": 2})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+
+
 def test_lone_surrogate_over_the_websocket_is_an_error_event(server: Server) -> None:
     url = server.base_url.replace("http://", "ws://") + "/v1/responses"
     with connect(url, additional_headers={"Authorization": f"Bearer {server.api_key}"}) as ws:
