@@ -85,9 +85,12 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     surrogate = lone_surrogate_param(dict(first))
     if surrogate is not None:
         return str(surrogate), surrogate.param or None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ValueError) and isinstance(getattr(cause, "param", None), str):
+        return str(cause), cause.param  # type: ignore[attr-defined]  # a check across fields names its field
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(location) or None
-    message = str(first.get("msg", "invalid request"))
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # pydantic's prefix
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     return (f"{param}: {message}" if param else message), param

@@ -23,6 +23,14 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 
 
+class FieldError(ValueError):
+    """A check across fields that names the field to blame: the 400's `param` (router/api/errors.py)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class StreamOptions(NullMeansDefault):
     model_config = _LENIENT
     include_usage: bool = False
@@ -44,7 +52,9 @@ class ResponseFormat(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format json_schema needs a json_schema object")
+            raise FieldError(
+                "response_format.json_schema", "response_format json_schema needs a json_schema object"
+            )
         return self
 
 
@@ -122,11 +132,11 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         if self.suffix:
-            raise ValueError("suffix (fill-in-the-middle) is not supported by this server")
+            raise FieldError("suffix", "suffix (fill-in-the-middle) is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise FieldError("best_of", "best_of other than n is not supported")
         if self.stream and self.n > 1 and self.echo:
-            raise ValueError("echo with n > 1 is not supported in streaming mode")
+            raise FieldError("echo", "echo with n > 1 is not supported in streaming mode")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -231,14 +241,16 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         forced = isinstance(self.tool_choice, ToolChoiceObject) or self.tool_choice == "required"
         if forced and not self.tools:
-            raise ValueError("tool_choice requires tools")
+            raise FieldError("tool_choice", "tool_choice requires tools")
         if isinstance(self.tool_choice, ToolChoiceObject):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names an unknown function {self.tool_choice.function.name!r}")
+                raise FieldError(
+                    "tool_choice", f"tool_choice names an unknown function {self.tool_choice.function.name!r}"
+                )
         return self
 
     @property

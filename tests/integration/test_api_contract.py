@@ -167,6 +167,30 @@ def test_lone_surrogate_is_a_400_naming_the_field(server: Server, path: str, raw
         assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
+        ("/v1/chat/completions", {"messages": CHAT, "stop": ""}, "stop"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "n": 2, "echo": True, "stream": True}, "echo"),
+    ],
+)
+def test_checks_across_fields_name_the_field(server: Server, path: str, body: dict, param: str) -> None:
+    with server.http() as http:
+        response = http.post(path, json={"max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and not error["message"].startswith("Value error"), error
+
+
 def test_null_for_an_optional_field_is_its_default(server: Server) -> None:
     """OpenAI takes null for "integer or null" fields; clients that serialize every field send them."""
     reply = server.client().chat.completions.create(
