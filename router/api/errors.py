@@ -7,6 +7,7 @@ answer and in a stream's error event.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -80,20 +81,26 @@ def worker_failure_body(failure: WorkerFailure) -> dict[str, Any]:
     return error_body(error.message, error.kind, error.param, error.code)
 
 
-def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    first = error.errors()[0] if error.errors() else {}
-    surrogate = lone_surrogate_param(dict(first))
+def validation_error(errors: Sequence[Any], names: Mapping[str, str] | None = None) -> APIError:
+    """pydantic's errors (`ValidationError.errors()`) as a 400 naming the first bad field, its top-level
+    name looked up in `names` (a request translated into another names its fields as the client sent them)."""
+    first = dict(errors[0]) if errors else {}
+    surrogate = lone_surrogate_param(first)
     if surrogate is not None:
-        return str(surrogate), surrogate.param or None
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, ValueError) and isinstance(getattr(cause, "param", None), str):
-        return str(cause), cause.param  # type: ignore[attr-defined]  # a check across fields names its field
-    location = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(location) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # pydantic's prefix
+        return APIError(400, str(surrogate), param=surrogate.param or None)
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    return (f"{param}: {message}" if param else message), param
+        return APIError(400, "the request body is not valid JSON")
+    cause = (first.get("ctx") or {}).get("error")
+    named = getattr(cause, "param", None) if isinstance(cause, ValueError) else None
+    across = isinstance(named, str)  # a check across fields that names its field
+    location = str(named).split(".") if across else [str(p) for p in first.get("loc", ()) if p != "body"]
+    if location and names:
+        location[0] = names.get(location[0], location[0])
+    param = ".".join(location) or None
+    if across:
+        return APIError(400, str(cause), param=param)
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # pydantic's prefix
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,8 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(error)
-        return error_response(APIError(400, message, param=param))
+        return error_response(validation_error(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:

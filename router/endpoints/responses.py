@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router.api.errors import APIError
-from router.api.unicode_check import UnicodeCheckedModel, lone_surrogate_param
+from router.api.errors import APIError, validation_error
+from router.api.unicode_check import UnicodeCheckedModel
 from router.client.generation import Generation, Usage
 from router.openai.nullable import NullMeansDefault
 from router.openai.requests import INT64_MAX, INT64_MIN, ChatCompletionRequest
@@ -355,22 +354,6 @@ def chat_response_format(text: TextOptions | None) -> dict[str, Any] | None:
     )
 
 
-def validation_error(error: ValidationError, names: Mapping[str, str] | None = None) -> APIError:
-    """A pydantic error as a 400 naming the first bad field (its top-level name looked up in `names`)."""
-    errors = error.errors()
-    if not errors:
-        return APIError(400, "invalid request")
-    surrogate = lone_surrogate_param(dict(errors[0]))
-    if surrogate is not None:
-        return APIError(400, str(surrogate), param=surrogate.param or None)
-    loc = [str(p) for p in errors[0]["loc"]]
-    if loc and names:
-        loc[0] = names.get(loc[0], loc[0])
-    where = ".".join(loc) or None
-    message = str(errors[0]["msg"])
-    return APIError(400, f"{where}: {message}" if where else message, param=where)
-
-
 def to_chat_request(body: ResponsesRequest, has_projector: bool = False) -> ChatCompletionRequest:
     """The chat request that generates this response (planned by the chat planner)."""
     data: dict[str, Any] = {
@@ -392,7 +375,7 @@ def to_chat_request(body: ResponsesRequest, has_projector: bool = False) -> Chat
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as error:
-        raise validation_error(error, _CHAT_TO_RESPONSES) from error
+        raise validation_error(error.errors(), _CHAT_TO_RESPONSES) from error
 
 
 # The chat request's fields that stand for Responses fields, named as the client sent them.

@@ -28,11 +28,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
-from router.api.errors import APIError, error_body, from_worker_failure
+from router.api.errors import APIError, error_body, from_worker_failure, validation_error
 from router.api.unicode_check import LoneSurrogateError, find_lone_surrogate
 from router.client.dispatch import WorkerFailure
 from router.endpoints.embeddings import check_generation
-from router.endpoints.responses import ResponsesRequest, input_items, start_response, validation_error
+from router.endpoints.responses import ResponsesRequest, input_items, start_response
 from router.endpoints.responses_events import ResponseRun
 from router.state import ServerState
 
@@ -144,7 +144,7 @@ class ResponsesSession:
         try:
             body = ResponsesRequest.model_validate(fields)
         except ValidationError as error:
-            raise validation_error(error) from error
+            raise validation_error(error.errors()) from error
         if body.conversation is not None:
             raise APIError(
                 400, "conversation is not supported: this server stores none", param="conversation"

@@ -29,6 +29,7 @@ POST_ROUTES = {
     "/v1/embeddings": "EmbeddingList",
 }
 CHAT = [{"role": "user", "content": "hello"}]
+FUNCTION = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,12 @@ def test_lone_surrogate_is_a_400_naming_the_field(server: Server, path: str, raw
         ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"prompt": "x", "n": 2, "echo": True, "stream": True}, "echo"),
+        (
+            "/v1/responses",
+            {"input": "x", "tools": [FUNCTION], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
+        ("/v1/responses", {"input": "x", "temperature": 5}, "temperature"),
     ],
 )
 def test_checks_across_fields_name_the_field(server: Server, path: str, body: dict, param: str) -> None:
