@@ -66,11 +66,10 @@ def images() -> Iterator[MediaServer]:
 
 
 def post(server: Server, part: dict[str, Any]) -> Any:
+    """Greedy and past the end of generation: served answers have exactly max_tokens tokens."""
+    body = {"model": GEMMA, "messages": [{"role": "user", "content": [TEXT, part]}], "max_tokens": 2}
     with server.http() as http:
-        return http.post(
-            "/v1/chat/completions",
-            json={"model": GEMMA, "messages": [{"role": "user", "content": [TEXT, part]}], "max_tokens": 2},
-        )
+        return http.post("/v1/chat/completions", json={**body, "temperature": 0, "ignore_eos": True})
 
 
 def image(url: str) -> dict[str, Any]:

@@ -44,7 +44,8 @@ while True:
 out = {"health": health.json()}
 if want == "complete":
     reply = httpx.post(base + "/v1/completions", headers=headers, timeout=60,
-                       json={"model": "test-model", "prompt": "hello", "max_tokens": 4})
+                       json={"model": "test-model", "prompt": "hello", "max_tokens": 4,
+                             "temperature": 0, "ignore_eos": True})
     out["status"], out["body"] = reply.status_code, reply.json()
 print(json.dumps(out))
 """

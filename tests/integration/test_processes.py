@@ -99,7 +99,10 @@ def test_server_from_hub_cache(hub_cache: Path) -> None:
         "cache_dir": str(hub_cache),
     }
     with run_server(model, env={"HF_HUB_OFFLINE": "1"}) as server:
-        reply = server.client().completions.create(model="test-model", prompt="hello", max_tokens=3)
+        # Greedy and past the end of generation: a sampled end token would cut the exact count.
+        reply = server.client().completions.create(
+            model="test-model", prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert reply.usage is not None and reply.usage.completion_tokens == 3
 
 
@@ -128,7 +131,7 @@ def test_router_and_worker_as_separate_processes_over_tcp(tmp_path: Path, tiny_l
             time.sleep(0.1)
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
-            json={"prompt": "hello", "max_tokens": 4},
+            json={"prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
             timeout=30,
         )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4

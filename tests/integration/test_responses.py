@@ -361,7 +361,10 @@ def test_websocket_unknown_id_is_an_error_event_and_the_socket_stays(server: Ser
         error = connection.recv()
         assert error.type == "error"
         assert error.error.code == "previous_response_not_found" and "resp_nope" in error.error.message
-        connection.send({"type": "response.create", "model": MODEL, "input": "hi", "max_output_tokens": 3})
+        # Greedy and past the end token: sampled, the tiny model can end before max_output_tokens
+        # (response.completed, not response.incomplete).
+        again = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "temperature": 0, "ignore_eos": True}
+        connection.send({"type": "response.create", **again})
         events = []
         for event in connection:
             events.append(event.type)

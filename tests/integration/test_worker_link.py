@@ -22,6 +22,9 @@ from shared.curve import write_keys
 from tests.integration.server import REPO, Server, free_port, model_config, run_server
 
 DEFAULT_ENDPOINTS = {"requests_endpoint": None, "results_endpoint": None}
+# Greedy and past the end of generation, for the exact completion_tokens checks: at the default temperature
+# the tiny model can draw its end token among the first few (it did as a 2nd token in a CI run).
+EXACT: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 def mode(path: Path) -> int:
@@ -77,7 +80,7 @@ def test_ipc_folder_is_private_under_umask_000_and_removed_after_stop(
         sockets = sorted(folder.iterdir())
         assert [p.name for p in sockets] == ["requests.sock", "results.sock"]
         assert all(stat.S_ISSOCK(p.lstat().st_mode) and mode(p) == 0o600 for p in sockets)
-        reply = server.client().completions.create(model="test-model", prompt="hi", max_tokens=2)
+        reply = server.client().completions.create(model="test-model", prompt="hi", max_tokens=2, **EXACT)
         assert reply.usage is not None and reply.usage.completion_tokens == 2
     assert list(runtime.iterdir()) == [], "the ipc folder was left behind"
 
@@ -142,7 +145,7 @@ def test_curve_over_loopback_tcp_serves_and_refuses_unknown_worker_keys(
     curve_server: Any, tmp_path: Path
 ) -> None:
     server, keys = curve_server
-    reply = server.client().completions.create(model="test-model", prompt="hello", max_tokens=3)
+    reply = server.client().completions.create(model="test-model", prompt="hello", max_tokens=3, **EXACT)
     assert reply.usage is not None and reply.usage.completion_tokens == 3
     assert _worker_count(server) == 1
     # A rogue worker: it knows the router's public key, its own key pair is not in the allow-list.
@@ -157,7 +160,7 @@ def test_curve_over_loopback_tcp_serves_and_refuses_unknown_worker_keys(
         assert rogue.wait(60) == 2
         assert "refused this worker's CURVE key" in rogue.output()
         assert _worker_count(server) == 1
-        reply = server.client().completions.create(model="test-model", prompt="hello", max_tokens=3)
+        reply = server.client().completions.create(model="test-model", prompt="hello", max_tokens=3, **EXACT)
         assert reply.usage is not None and reply.usage.completion_tokens == 3
     finally:
         rogue.stop()
