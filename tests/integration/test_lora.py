@@ -4,6 +4,7 @@ to the base model, concurrency across adapter sets, prefix-cache isolation, metr
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,13 +222,26 @@ def test_bad_adapter_requests(server: Server, body: dict[str, Any], status: int,
 
 
 def test_metrics_count_requests_tokens_switches_and_loaded_adapters(server: Server) -> None:
+    # At least what these two requests add (5 tokens each, ignore_eos; a switch back to the base set).
+    wanted = {
+        'llamafleet_worker_lora_requests_total{adapter="style-a",worker="0"}': 1,
+        'llamafleet_worker_lora_generated_tokens_total{adapter="style-a",worker="0"}': 5,
+        'llamafleet_worker_lora_generated_tokens_total{adapter="",worker="0"}': 5,
+        'llamafleet_worker_lora_adapter_switches_total{worker="0"}': 1,
+    }
+    before = server.metrics()
     text(server, "style-a", prompt="metrics", max_tokens=5)
     text(server, prompt="metrics", max_tokens=5)
-    metrics = server.metrics()
-    assert metrics['llamafleet_worker_lora_requests_total{adapter="style-a",worker="0"}'] >= 1
-    assert metrics['llamafleet_worker_lora_generated_tokens_total{adapter="style-a",worker="0"}'] >= 5
-    assert metrics['llamafleet_worker_lora_generated_tokens_total{adapter="",worker="0"}'] >= 5
-    assert metrics['llamafleet_worker_lora_adapter_switches_total{worker="0"}'] >= 1
+    # Worker counters come with heartbeats (every 0.25 s): a scrape right after the answers often predates
+    # them, so wait for the heartbeat that counts them.
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = server.metrics()
+        added = {name: metrics.get(name, 0.0) - before.get(name, 0.0) for name in wanted}
+        if all(added[name] >= least for name, least in wanted.items()):
+            break
+        assert time.monotonic() < deadline, added
+        time.sleep(0.1)
     assert metrics['llamafleet_worker_lora_adapters_loaded{worker="0"}'] == 2
 
 

@@ -7,7 +7,6 @@ greedy and seeded output must equal the same server's output with speculation of
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from tests.fixtures.model_fixtures import TinyLlamaFactory
 from tests.fixtures.tiny_models import write_tiny_llama_with_vocab_of
 from tests.integration.server import Server, model_config, run_server
-from tests.integration.test_speculative import complete, idle, metric
+from tests.integration.test_speculative import complete, idle, total, wait_until
 from tests.integration.test_speculative_startup import start_worker
 
 PROMPTS = ["the cat sat on the mat", "hello world", "1 2 3", "abc"]
@@ -45,14 +44,26 @@ def server(request: pytest.FixtureRequest, tiny_llama_factory: TinyLlamaFactory)
 
 def test_draft_model_output_equals_plain(server: Server) -> None:
     client = server.client()
+    generated = 'llamafleet_worker_generated_tokens_total{worker="0"}'
+    start = server.metrics().get(generated, 0.0)  # the module's first generation: nothing counted yet
+    answered = 0
     for prompt in PROMPTS:
         plain = complete(client, prompt, False, max_tokens=40, temperature=0)
         spec = complete(client, prompt, True, max_tokens=40, temperature=0)
         assert spec.choices[0].text == plain.choices[0].text
-    time.sleep(1.2)  # a heartbeat
-    drafted = metric(server, "llamafleet_spec_drafted_tokens_total", 'provider="draft-model"')
-    accepted = metric(server, "llamafleet_spec_accepted_tokens_total", 'provider="draft-model"')
-    assert drafted > 50
+        answered += plain.usage.completion_tokens + spec.usage.completion_tokens
+    # Read the counters from a heartbeat sent after these requests (it counts their tokens), not after a
+    # fixed sleep that a loaded machine can outlast: a stale one would miss the last drafts.
+    samples = wait_until(
+        server,
+        lambda m: (
+            m.get(generated, 0.0) >= start + answered
+            and total(m, "llamafleet_spec_drafted_tokens_total", 'provider="draft-model"') > 50
+        ),
+        "fewer than 50 tokens drafted",
+    )
+    drafted = total(samples, "llamafleet_spec_drafted_tokens_total", 'provider="draft-model"')
+    accepted = total(samples, "llamafleet_spec_accepted_tokens_total", 'provider="draft-model"')
     if server.config["model"]["draft_model_path"] == server.config["model"]["path"]:
         assert accepted == drafted  # greedy with the same weights: every draft is right
     else:
