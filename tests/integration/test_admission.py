@@ -44,9 +44,19 @@ def test_a_call_larger_than_the_whole_budget_is_400(server: Server) -> None:
 
 
 def wait_idle(server: Server, timeout: float = 10.0) -> None:
+    """No sequence running (a heartbeat's gauge) and nothing in flight at the router (live). The heartbeat
+    alone can predate requests that finished within its interval, so a 0 there does not mean the router
+    has let go of the closed streams yet; its own gauge is what admission counts."""
+    names = (
+        'llamafleet_worker_running_sequences{worker="0"}',
+        'llamafleet_worker_in_flight_requests{worker="0"}',
+    )
     deadline = time.monotonic() + timeout
-    while server.metrics().get('llamafleet_worker_running_sequences{worker="0"}') != 0:
-        assert time.monotonic() < deadline, "sequences still running"
+    while True:
+        samples = server.metrics()
+        if all(samples.get(name) == 0 for name in names):
+            return
+        assert time.monotonic() < deadline, {name: samples.get(name) for name in names}
         time.sleep(0.1)
 
 

@@ -172,7 +172,9 @@ def test_sigterm_drains_in_flight_requests(tiny_llama_gguf: Path) -> None:
 
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(0.05)
+        # In flight at the router before the signal (a 0.05 s sleep here let a loaded machine signal first,
+        # and a request arriving during the drain is refused, not drained). The router's own gauge: live.
+        server.wait_metric('llamafleet_worker_in_flight_requests{worker="0"}', 1, timeout=30)
         server.process.send_signal(signal.SIGTERM)
         thread.join(60)
         assert server.process.wait(60) == 0

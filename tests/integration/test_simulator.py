@@ -32,7 +32,8 @@ def simulate(**overrides: float) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_gguf: Path) -> Iterator[Server]:
-    with run_server(model_config(tiny_llama_gguf, n_ctx=512), workers=simulate()) as handle:
+    # n_ctx: room for the 4000-token request of the disconnect test (nothing is allocated: simulated).
+    with run_server(model_config(tiny_llama_gguf, n_ctx=4096), workers=simulate()) as handle:
         yield handle
 
 
@@ -116,7 +117,12 @@ def test_requests_beyond_the_slots_queue_and_all_finish(server: Server) -> None:
 
 
 def test_client_disconnect_returns_the_slot(server: Server) -> None:
-    body = b'{"model": "test-model", "prompt": "x", "max_tokens": 400, "stream": true}'  # 2 s at 5 ms a token
+    # 20 s at 5 ms a token. (400 tokens, 2 s, left a bound of 1.5 s from the close to an idle heartbeat seen
+    # in /metrics: a loaded machine can take that long to notice, cancel, beat and answer the scrape.)
+    tokens = 4000
+    body = f'{{"model": "test-model", "prompt": "x", "max_tokens": {tokens}, "stream": true}}'.encode()
+    generated = f"llamafleet_worker_generated_tokens_total{W}"
+    before = server.metrics().get(generated, 0.0)  # the test before ended idle: its heartbeat counts all
     host, port = server.base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
@@ -130,8 +136,10 @@ def test_client_disconnect_returns_the_slot(server: Server) -> None:
             assert chunk, "the stream ended before its first event"
             received += chunk
         server.wait_metric(f"llamafleet_worker_running_sequences{W}", 1)
-    wait_idle(server, timeout=1.5)  # well before the 400 tokens would have run out
-    assert server.metrics()[f"llamafleet_worker_seq_ids_free{W}"] == SLOTS
+    wait_idle(server)  # 10 s: well before the 4000 tokens would have run out
+    samples = server.metrics()
+    assert samples[f"llamafleet_worker_seq_ids_free{W}"] == SLOTS
+    assert samples[generated] - before < tokens / 4, "the request ran on after the client left"
 
 
 def test_embeddings_are_refused_clearly(server: Server) -> None:
