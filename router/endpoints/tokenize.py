@@ -22,7 +22,8 @@ from pydantic import ConfigDict, Field, StrictInt, model_validator
 
 from router.api.errors import APIError
 from router.api.unicode_check import UnicodeCheckedModel
-from router.openai.requests import ChatCompletionRequest, ChatMessage, Tool
+from router.openai.nullable import NullMeansDefault
+from router.openai.requests import ChatCompletionRequest, ChatMessage, FieldError, Tool
 from router.preprocess.chat_plan import plan_chat
 from router.state import ServerState
 from shared.vocab import TokenizerError
@@ -31,7 +32,7 @@ from shared.vocab import TokenizerError
 MAX_DETOKENIZE_TOKENS = 1 << 20
 
 
-class TokenizeRequest(UnicodeCheckedModel):
+class TokenizeRequest(NullMeansDefault, UnicodeCheckedModel):
     """Exactly one of `content` (llama-server), `prompt` (vLLM) or `messages` (vLLM's chat form)."""
 
     model_config = ConfigDict(extra="allow")
@@ -55,15 +56,16 @@ class TokenizeRequest(UnicodeCheckedModel):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of content, prompt or messages")
+        if len(given) != 1:  # blames the second input given, or `content` when none is
+            blamed = given[1] if given else "content"
+            raise FieldError(blamed, "give exactly one of content, prompt or messages")
         return self
 
     def add_special_choice(self) -> bool | None:
         return self.add_special if self.add_special is not None else self.add_special_tokens
 
 
-class DetokenizeRequest(UnicodeCheckedModel):
+class DetokenizeRequest(NullMeansDefault, UnicodeCheckedModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None

@@ -188,6 +188,8 @@ def test_lone_surrogate_is_a_400_naming_the_field(server: Server, path: str, raw
             "tool_choice",
         ),
         ("/v1/responses", {"input": "x", "temperature": 5}, "temperature"),
+        ("/tokenize", {}, "content"),
+        ("/tokenize", {"content": "x", "prompt": "y"}, "prompt"),
     ],
 )
 def test_checks_across_fields_name_the_field(server: Server, path: str, body: dict, param: str) -> None:
@@ -215,6 +217,8 @@ def test_null_for_an_optional_field_is_its_default(server: Server) -> None:
         response = http.post("/v1/responses", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["object"] == "response" and response.json()["parallel_tool_calls"] is True
+        tokenized = http.post("/tokenize", json={"content": "x", "with_pieces": None, "add_special": None})
+        assert tokenized.status_code == 200 and tokenized.json()["count"] >= 1, tokenized.text
         refused = http.post("/v1/chat/completions", json={"messages": None, "max_tokens": 2})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
 
