@@ -37,6 +37,7 @@ from worker.faults import FaultInjector
 from worker.media import plan_take
 from worker.slots import ReusePlan, SlotTable
 from worker.speculative.control import Candidate, Speculation
+from worker.stats_copy import copy_checkpoints, copy_disk, copy_speculation
 from worker.step import (
     PrefixTier,
     Runner,
@@ -584,29 +585,11 @@ class Scheduler:
         stats.prefix_cache_reused_tokens_total = slots.stats.reused_tokens
         stats.prefix_cache_evictions_total = slots.stats.evictions
         if self.spec is not None:
-            spec = self.spec.counters
-            stats.spec_drafted_tokens_total = dict(spec.drafted)
-            stats.spec_accepted_tokens_total = dict(spec.accepted)
-            stats.spec_drafted_by_position = list(spec.drafted_at)
-            stats.spec_accepted_by_position = list(spec.accepted_at)
-            stats.spec_steps_total = spec.steps
-            if self.spec.costs is not None:
-                stats.spec_step_seconds = list(self.spec.costs.rows)
-                stats.spec_step_overhead_seconds = self.spec.costs.overhead
+            copy_speculation(stats, self.spec)
         if self.checkpoints is not None:
-            stats.checkpoint_restores_total = self.checkpoints.restores
-            stats.checkpoint_bytes = self.checkpoints.bytes
-            stats.prefix_cache_reused_tokens_total += self.checkpoints.restored_tokens
+            copy_checkpoints(stats, self.checkpoints)
         if self.disk is not None:
-            disk = self.disk.cache.stats
-            stats.disk_cache_lookups_total = disk.lookups
-            stats.disk_cache_restores_total = self.disk.stats.restores
-            stats.disk_cache_restored_tokens_total = self.disk.stats.restored_tokens
-            stats.disk_cache_saves_total = disk.saves
-            stats.disk_cache_save_failures_total = disk.save_errors
-            stats.disk_cache_evictions_total = disk.evictions
-            stats.disk_cache_corrupt_removed_total = disk.corrupt_removed + disk.foreign_removed
-            stats.disk_cache_bytes = disk.bytes_on_disk
+            copy_disk(stats, self.disk)
 
     def close(self) -> None:
         """Ends every request and waits for pending disk-cache writes."""
