@@ -329,6 +329,9 @@ def test_prediction_drafter_continues_where_the_output_is_in_templated_text() ->
     assert drafter.draft([DraftSeq(0, [9, 1, 2], 4, 1, prediction)]) == [[3, 40, 1, 2]]
     output = [1, 2, 3, 40, 1, 2, 3, 41, 1, 2, 3]
     assert drafter.draft([DraftSeq(0, [9, *output], 4, 1, prediction)]) == [[42, 7, 8, 9]]
+    # An answer that opens with a preamble of its own, then quotes: the first match is the first sentence.
+    opening = [90, 91, 92, 93, 94, 95, 1, 2, 3]
+    assert drafter.draft([DraftSeq(1, [9, *opening], 4, 1, prediction)]) == [[40, 1, 2, 3]]
 
 
 @dataclass

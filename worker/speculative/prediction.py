@@ -4,9 +4,10 @@ The output is expected to follow the prediction with edits. Each step the genera
 (n from 3 down to 1) is looked up in the prediction, preferring the occurrence nearest where the output
 would be had it followed the prediction since the previous draft (so templated text, where the same words
 recur every sentence, neither sends drafting back nor skips ahead), and the prediction's next tokens are
-the draft. Where the prediction offers less than asked (the answer left it, e.g. to quote the
-question first), the request's own prompt and output are searched too, as prompt lookup does, and the
-longer draft wins. Accepted and rejected draft tokens are reported in the request's usage.
+the draft (the first match takes the first occurrence: an answer may open with a preamble of its own).
+Where the prediction offers less than asked (the answer left it, e.g. to quote the question first), the
+request's own prompt and output are searched too, as prompt lookup does, and the longer draft wins.
+Accepted and rejected draft tokens are reported in the request's usage.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _Prediction:
     tokens: list[int]
     ends: dict[tuple[int, ...], list[int]]  # n-gram -> its end positions in the prediction, ascending
     cursor: int = 0  # where in the prediction the last draft started
-    drafted_at: int = 0  # how many tokens had been generated then
+    drafted_at: int = -1  # how many tokens had been generated then (-1: nothing matched yet)
 
 
 class PredictionDrafter(Drafter):
@@ -59,10 +60,13 @@ class PredictionDrafter(Drafter):
             ends = state.ends.get(tuple(output[len(output) - n :]))
             if not ends:
                 continue
-            # Where the output should be in the prediction if it followed it since the last draft: the
-            # occurrence nearest that (the later of two as near) continues it, not an earlier repeat.
-            expected = state.cursor + len(output) - state.drafted_at
-            end = min(reversed(ends), key=lambda e: abs(e + 1 - expected))
+            if state.drafted_at < 0:  # the first match: the answer may open with text of its own
+                end = ends[0]
+            else:
+                # Where the output should be in the prediction if it followed it since the last draft: the
+                # occurrence nearest that (the later of two as near) continues it, not an earlier repeat.
+                expected = state.cursor + len(output) - state.drafted_at
+                end = min(reversed(ends), key=lambda e: abs(e + 1 - expected))
             state.cursor, state.drafted_at = end + 1, len(output)
             return state.tokens[end + 1 : end + 1 + seq.k]
         return []
