@@ -11,9 +11,10 @@ its bar can be read: the policy's fault, the drafts', or the machine's. In proce
 3. replays every answer four ways, from the same prefill and curve:
    - plain: one 1-row step per token, the baseline;
    - perfect drafts: every draft right, the best draft length each step: the bound for ANY drafter;
-   - these drafts, best policy: the real drafter's proposals, each step verifying exactly the part of the
-     draft that comes true when that pays (a policy that knows the future; `fastest_seconds`): the bound
-     for any draft-length policy with this drafter;
+   - these drafts, best policy: the real drafter's proposals, each step verifying the part of the draft
+     that comes true when that pays, or more of it where the curve makes that cheaper (a policy that knows
+     the future; `fastest_seconds`): the bound for any draft-length policy with this drafter (close rather
+     than exact for predicted outputs, whose drafter keeps state: see `matched_drafts`);
    - the worker's policy: `worker.speculative.control.Speculation` choosing draft lengths as it does in the
      worker, from the same curve (held fixed here; in the worker it follows real step times).
 Only llama_decode's time counts (no HTTP, sampling or per-step overhead), so every figure is an upper
@@ -76,23 +77,30 @@ class Recording:
         return cls(data["model"], data["max_ngram"], workloads, data["curve"])
 
 
-def fastest_seconds(matched: Sequence[int], curve: Sequence[float]) -> float:
+def fastest_seconds(
+    matched: Sequence[int], curve: Sequence[float], offered: Sequence[int] | None = None
+) -> float:
     """The least decode time that produces an answer's tokens after the first, when at each point `i` (the
-    first `i` tokens known, 1 <= i < len(matched)) a draft whose first `matched[i]` tokens are right is on
-    offer: each step verifies j <= matched[i] of them at `curve[j]` (j + 1 rows) and gains j + 1 tokens."""
+    first `i` tokens known, 1 <= i < len(matched)) a draft of `offered[i]` tokens (default `matched[i]`)
+    whose first `matched[i]` are right is on offer: a step verifies j <= offered[i] of them at `curve[j]`
+    (j + 1 rows) and gains min(j, matched[i]) + 1 tokens. Verifying more than comes true can pay where
+    the curve is not monotone (a row count just past a matmul tile costs more than the next one up)."""
     n = len(matched)
+    offered = matched if offered is None else offered
     best = [0.0] * (n + 1)
     for i in range(n - 1, 0, -1):
-        top = min(matched[i], n - i - 1, len(curve) - 1)
-        best[i] = min(curve[j] + best[i + j + 1] for j in range(top + 1))
+        top = min(offered[i], n - i - 1, len(curve) - 1)
+        best[i] = min(curve[j] + best[i + min(j, matched[i]) + 1] for j in range(top + 1))
     return best[1] if n > 1 else 0.0
 
 
-def matched_drafts(answer: Answer, drafter: Drafter, k: int) -> list[int]:
-    """For each point of the answer, how many tokens of the drafter's `k`-token draft come true."""
+def matched_drafts(answer: Answer, drafter: Drafter, k: int) -> tuple[list[int], list[int]]:
+    """For each point of the answer, how many tokens of the drafter's `k`-token draft come true, and how
+    long the draft is. A drafter with state of its own (predicted outputs follow where they drafted last)
+    is asked at every point here, fewer times by a real policy: its bound is then close, not exact."""
     tokens, prompt_len = answer.output, len(answer.prompt)
     history = list(answer.prompt)
-    matched = [0]
+    matched, offered = [0], [0]
     for i in range(1, len(tokens)):
         history.append(tokens[i - 1])
         ask = DraftSeq(0, history, k, prompt_len, answer.prediction)
@@ -101,8 +109,9 @@ def matched_drafts(answer: Answer, drafter: Drafter, k: int) -> list[int]:
         while right < len(draft) and i + right < len(tokens) and draft[right] == tokens[i + right]:
             right += 1
         matched.append(right)
+        offered.append(len(draft))
     drafter.release(0)
-    return matched
+    return matched, offered
 
 
 def policy_seconds(answer: Answer, speculation: Speculation, curve: Sequence[float]) -> float:
@@ -132,6 +141,7 @@ def record(engine: LlamaEngine, prompt: list[int], n_tokens: int) -> tuple[list[
     batch = engine.batch
     engine.seq_rm(0)
     batch.clear()
+    prefill = 0.0
     for start in range(0, len(prompt), engine.n_batch):
         batch.clear()
         chunk = prompt[start : start + engine.n_batch]
@@ -139,7 +149,7 @@ def record(engine: LlamaEngine, prompt: list[int], n_tokens: int) -> tuple[list[
         started = time.perf_counter()
         if engine.decode(batch.size) != 0:
             raise RuntimeError("prefill failed")
-        prefill = time.perf_counter() - started
+        prefill += time.perf_counter() - started
     output: list[int] = []
     position = len(prompt)
     while True:
@@ -229,7 +239,8 @@ def report(recording: Recording, k_lookup: int) -> dict[str, dict[str, float]]:
             n = len(answer.output)
             plain += answer.prefill + (n - 1) * curve[0]
             perfect += answer.prefill + fastest_seconds([n] * n, capped)
-            best += answer.prefill + fastest_seconds(matched_drafts(answer, make(), k), capped)
+            matched, offered = matched_drafts(answer, make(), k)
+            best += answer.prefill + fastest_seconds(matched, capped, offered)
             if name == "editing":
                 spec = Speculation(None, k, None, make(), costs=StepCosts(capped), prediction_k_max=k)
             else:

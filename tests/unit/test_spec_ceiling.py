@@ -36,6 +36,14 @@ def test_a_draft_is_verified_only_as_far_as_it_comes_true() -> None:
     assert fastest_seconds([0, 1, 0, 0], [0.010, 0.025]) == pytest.approx(3 * 0.010)
 
 
+def test_verifying_more_than_comes_true_counts_where_the_curve_is_not_monotone() -> None:
+    # 2 rows cost 30 ms but 3 rows 15 ms: a 2-token draft with one right token is best verified whole
+    # (15 ms, 2 tokens), then one plain step; verifying only the right token would cost 30 + 10 ms.
+    curve = [0.010, 0.030, 0.015]
+    assert fastest_seconds([0, 1, 0, 0], curve, offered=[0, 2, 0, 0]) == pytest.approx(0.015 + 0.010)
+    assert fastest_seconds([0, 1, 0, 0], curve) == pytest.approx(3 * 0.010)  # offered only what is right
+
+
 def _copying_answer() -> Answer:
     text = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     return Answer(prompt=[1, 2, *text, 3], output=list(text), prediction=None, prefill=0.05)
@@ -43,16 +51,19 @@ def _copying_answer() -> Answer:
 
 def test_matched_drafts_count_the_tokens_that_come_true() -> None:
     answer = _copying_answer()
-    matched = matched_drafts(answer, PromptLookup(2), k=4)
-    # From the second token on, the prompt holds what follows: drafts of 4 right (fewer at the end).
+    matched, offered = matched_drafts(answer, PromptLookup(2), k=4)
+    # From the second token on, the prompt holds what follows: drafts of 4 right, fewer at the end, where
+    # the 4-token drafts run on past the answer.
     assert matched[1:] == [4, 4, 4, 4, 4, 4, 4, 4, 3, 2, 1]
+    assert offered[1:] == [4] * 11
 
 
 def test_the_worker_policy_is_never_better_than_the_bound_for_its_drafts() -> None:
     answer = _copying_answer()
     costs = StepCosts(CURVE)
     ours = policy_seconds(answer, Speculation(PromptLookup(2), 4, None, costs=costs), CURVE)
-    best = fastest_seconds(matched_drafts(answer, PromptLookup(2), 4), CURVE)
+    matched, offered = matched_drafts(answer, PromptLookup(2), 4)
+    best = fastest_seconds(matched, CURVE, offered)
     plain = (len(answer.output) - 1) * CURVE[0]
     assert best <= ours < plain  # it speculates, and gains, but cannot beat knowing the future
 
