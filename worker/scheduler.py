@@ -364,12 +364,13 @@ class Scheduler:
         and verification rows only) and the time between two busy steps spent outside llama_decode."""
         assert self.spec is not None
         now = time.perf_counter()
-        decoding = timed or 0.0
-        if timed is not None and not plan.media and all(len(w.tokens) == w.n_logits for w in plan.work):
+        last, self._last_step_end = self._last_step_end, now
+        if timed is None or plan.media:  # a failed batch, or image decodes: their time is not overhead
+            return
+        if all(len(w.tokens) == w.n_logits for w in plan.work):
             self.spec.observe_decode(sum(item.n_logits for item in plan.work), timed)
-        if self._last_step_end is not None and now - self._last_step_end < _BUSY_GAP:
-            self.spec.observe_overhead(max(now - self._last_step_end - decoding, 0.0))
-        self._last_step_end = now
+        if last is not None and now - last < _BUSY_GAP:
+            self.spec.observe_overhead(max(now - last - timed, 0.0))
 
     def plan(self) -> StepPlan:
         """One decode row for every running sequence, then prefill chunks in arrival order within
