@@ -7,6 +7,7 @@ answer and in a stream's error event.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,26 +82,43 @@ def worker_failure_body(failure: WorkerFailure) -> dict[str, Any]:
     return error_body(error.message, error.kind, error.param, error.code)
 
 
+# pydantic puts the member of a union it tried in an error's location ("stop.str", "tool_choice.literal[...]",
+# "response_format.function-after[...]", a model's class name): not a field the client sent.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z][a-z0-9_-]*\[.*\]|[A-Z]\w*)$")
+
+
 def validation_error(errors: Sequence[Any], names: Mapping[str, str] | None = None) -> APIError:
-    """pydantic's errors (`ValidationError.errors()`) as a 400 naming the first bad field, its top-level
-    name looked up in `names` (a request translated into another names its fields as the client sent them)."""
+    """pydantic's errors (`ValidationError.errors()`) as a 400 naming the first bad field as the client
+    sent it: union members left out, and a request translated from another renamed by `names` (dotted
+    prefixes, `*` for any one segment, longest first: {"tools.*.function": "tools.*"})."""
     first = dict(errors[0]) if errors else {}
     surrogate = lone_surrogate_param(first)
     if surrogate is not None:
         return APIError(400, str(surrogate), param=surrogate.param or None)
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON")
+    location = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     cause = (first.get("ctx") or {}).get("error")
     named = getattr(cause, "param", None) if isinstance(cause, ValueError) else None
-    across = isinstance(named, str)  # a check across fields that names its field
-    location = str(named).split(".") if across else [str(p) for p in first.get("loc", ()) if p != "body"]
-    if location and names:
-        location[0] = names.get(location[0], location[0])
-    param = ".".join(location) or None
-    if across:
+    if isinstance(named, str):  # a check across fields names its field, relative to the model checked
+        location += named.split(".")
+    param = ".".join(_renamed(location, names or {})) or None
+    if isinstance(named, str):
         return APIError(400, str(cause), param=param)
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # pydantic's prefix
     return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _renamed(location: list[str], names: Mapping[str, str]) -> list[str]:
+    for pattern in sorted(names, key=lambda p: -p.count(".")):
+        parts = pattern.split(".")
+        if len(parts) > len(location):
+            continue
+        if all(p in ("*", seg) for p, seg in zip(parts, location, strict=False)):
+            wild = iter(seg for p, seg in zip(parts, location, strict=False) if p == "*")
+            head = [next(wild) if r == "*" else r for r in names[pattern].split(".")]
+            return head + location[len(parts) :]
+    return location
 
 
 def install_error_handlers(app: FastAPI) -> None:

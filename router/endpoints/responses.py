@@ -389,6 +389,8 @@ _CHAT_TO_RESPONSES = {
     "messages": RESPONSES_FIELDS.messages,
     "max_tokens": RESPONSES_FIELDS.max_tokens,
     "response_format": RESPONSES_FIELDS.response_format,
+    "response_format.json_schema": RESPONSES_FIELDS.response_format,  # text.format holds its fields flat
+    "tools.*.function": "tools.*",  # Responses tools hold the function's fields flat
 }
 
 

@@ -24,7 +24,8 @@ INT32_MAX = 2**31 - 1
 
 
 class FieldError(ValueError):
-    """A check across fields that names the field to blame: the 400's `param` (router/api/errors.py)."""
+    """A check across fields that names the field to blame, relative to the model checked: the 400's
+    `param` (router/api/errors.py puts the model's own place in front)."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
@@ -52,9 +53,7 @@ class ResponseFormat(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise FieldError(
-                "response_format.json_schema", "response_format json_schema needs a json_schema object"
-            )
+            raise FieldError("json_schema", "response_format json_schema needs a json_schema object")
         return self
 
 

@@ -188,6 +188,13 @@ def test_lone_surrogate_is_a_400_naming_the_field(server: Server, path: str, raw
             "tool_choice",
         ),
         ("/v1/responses", {"input": "x", "temperature": 5}, "temperature"),
+        ("/v1/responses", {"input": "x", "tools": [{**FUNCTION, "name": "bad name!"}]}, "tools.0.name"),
+        (
+            "/v1/responses",
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": 5, "schema": {}}}},
+            "text.format.name",
+        ),
+        ("/v1/chat/completions", {"messages": CHAT, "stop": 5}, "stop"),  # not pydantic's "stop.str"
         ("/tokenize", {}, "content"),
         ("/tokenize", {"content": "x", "prompt": "y"}, "prompt"),
     ],
