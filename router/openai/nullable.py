@@ -2,10 +2,11 @@
 
 OpenAI documents most optional fields as "<type> or null" (`"n": null` is n = 1, `"stream": null` no
 streaming, `"logprobs": null` none), and clients that serialize every field send such nulls. A pydantic
-field typed `bool = False` would refuse them with a 400. Request models derive from `NullMeansDefault`,
-which drops a null before validation where the field has a default and its type does not admit None, so
-the default applies. Fields whose type admits None keep null as given (completions' `max_tokens: null` is
-no limit), and a required field stays required.
+field typed `bool = False` would refuse them with a 400. `NullMeansDefault` drops a null before validation
+where the field has a default and its type does not admit None, so the default applies. Fields whose type
+admits None keep null as given (completions' `max_tokens: null` is no limit), and a required field stays
+required. The request bodies derive from it, as do `stream_options` and `response_format.json_schema`;
+message and tool parts do not yet.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def _admits_none(annotation: Any) -> bool:
         return any(_admits_none(arg) for arg in typing.get_args(annotation))
     if origin is typing.Annotated:
         return _admits_none(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return None in typing.get_args(annotation)
     return False
 
 

@@ -45,3 +45,16 @@ def test_responses_and_embeddings_nulls() -> None:
     assert responses.stream is False and responses.parallel_tool_calls is True
     embeddings = EmbeddingRequest.model_validate({"input": "hi", "encoding_format": None, "truncate": None})
     assert embeddings.encoding_format == "float" and embeddings.truncate is False
+
+
+def test_a_literal_that_admits_none_keeps_null() -> None:
+    from typing import Literal
+
+    from router.openai.nullable import NullMeansDefault
+
+    class Body(NullMeansDefault):
+        mode: Literal["auto", None] = "auto"
+        flag: Literal["on", "off"] = "on"
+
+    body = Body.model_validate({"mode": None, "flag": None})
+    assert body.mode is None and body.flag == "on"
