@@ -5,8 +5,8 @@ streaming, `"logprobs": null` none), and clients that serialize every field send
 field typed `bool = False` would refuse them with a 400. `NullMeansDefault` drops a null before validation
 where the field has a default and its type does not admit None, so the default applies. Fields whose type
 admits None keep null as given (completions' `max_tokens: null` is no limit), and a required field stays
-required. The request bodies derive from it, as do `stream_options` and `response_format.json_schema`;
-message and tool parts do not yet.
+required. The request bodies derive from it, as do the parts with defaults of their own
+(`stream_options`, `response_format.json_schema`, an assistant message's `tool_calls`).
 """
 
 from __future__ import annotations

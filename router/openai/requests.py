@@ -150,13 +150,13 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(NullMeansDefault):
     model_config = _LENIENT
     name: str
     arguments: str | dict[str, Any] = ""
 
 
-class ToolCall(BaseModel):
+class ToolCall(NullMeansDefault):
     model_config = _LENIENT
     id: str | None = None
     type: Literal["function"] = "function"

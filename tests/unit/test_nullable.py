@@ -23,6 +23,16 @@ def test_chat_nulls_take_the_defaults() -> None:
     assert request.stream_options is not None and request.stream_options.include_usage is False
 
 
+def test_nulls_inside_tool_calls_take_the_defaults() -> None:
+    call = {"id": "c1", "type": None, "function": {"name": "f", "arguments": None}}
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]}
+    )
+    tool_calls = request.messages[1].tool_calls
+    assert tool_calls is not None and tool_calls[0].type == "function"
+    assert tool_calls[0].function.arguments == ""
+
+
 def test_nullable_fields_keep_null_and_bad_values_still_fail() -> None:
     request = CompletionRequest.model_validate({"prompt": "x", "max_tokens": None, "echo": None, "n": None})
     assert request.max_tokens is None  # completions: null is no limit, not the default 16
