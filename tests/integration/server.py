@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,15 +100,29 @@ class Server:
                 samples[name] = float(value)
         return samples
 
-    def wait_metric(self, name: str, at_least: float, timeout: float = 5.0) -> float:
-        """Polls /metrics until `name` reaches `at_least` (worker stats arrive with heartbeats)."""
+    def wait_metrics(
+        self,
+        check: Callable[[dict[str, float]], bool],
+        failure: Callable[[dict[str, float]], object],
+        timeout: float = 5.0,
+    ) -> dict[str, float]:
+        """Polls /metrics until `check` holds on one scrape and returns that scrape (worker stats arrive
+        with heartbeats, which a loaded machine can delay past any fixed sleep); on timeout the assertion
+        says `failure(last scrape)`."""
         deadline = time.monotonic() + timeout
-        while True:
-            value = self.metrics().get(name, float("-inf"))
-            if value >= at_least:
-                return value
-            assert time.monotonic() < deadline, f"{name} = {value}, expected >= {at_least}"
+        while not check(samples := self.metrics()):
+            assert time.monotonic() < deadline, failure(samples)
             time.sleep(0.1)
+        return samples
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 5.0) -> float:
+        """Polls /metrics until `name` reaches `at_least`."""
+        samples = self.wait_metrics(
+            lambda m: m.get(name, float("-inf")) >= at_least,
+            lambda m: f"{name} = {m.get(name, float('-inf'))}, expected >= {at_least}",
+            timeout,
+        )
+        return samples[name]
 
     def workers(self) -> list[int]:
         pids = worker_pids(self.process.pid)

@@ -8,7 +8,6 @@ more can never succeed (400 naming the field); one that fits but not now is a 42
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,13 +50,11 @@ def wait_idle(server: Server, timeout: float = 10.0) -> None:
         'llamafleet_worker_running_sequences{worker="0"}',
         'llamafleet_worker_in_flight_requests{worker="0"}',
     )
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = server.metrics()
-        if all(samples.get(name) == 0 for name in names):
-            return
-        assert time.monotonic() < deadline, {name: samples.get(name) for name in names}
-        time.sleep(0.1)
+    server.wait_metrics(
+        lambda m: all(m.get(name) == 0 for name in names),
+        lambda m: {name: m.get(name) for name in names},
+        timeout,
+    )
 
 
 def _first_line(lines: Iterator[str]) -> None:

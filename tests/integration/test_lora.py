@@ -4,7 +4,6 @@ to the base model, concurrency across adapter sets, prefix-cache isolation, metr
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,16 +231,15 @@ def test_metrics_count_requests_tokens_switches_and_loaded_adapters(server: Serv
     before = server.metrics()
     text(server, "style-a", prompt="metrics", max_tokens=5)
     text(server, prompt="metrics", max_tokens=5)
+
     # Worker counters come with heartbeats (every 0.25 s): a scrape right after the answers often predates
     # them, so wait for the heartbeat that counts them.
-    deadline = time.monotonic() + 10
-    while True:
-        metrics = server.metrics()
-        added = {name: metrics.get(name, 0.0) - before.get(name, 0.0) for name in wanted}
-        if all(added[name] >= least for name, least in wanted.items()):
-            break
-        assert time.monotonic() < deadline, added
-        time.sleep(0.1)
+    def added(samples: dict[str, float]) -> dict[str, float]:
+        return {name: samples.get(name, 0.0) - before.get(name, 0.0) for name in wanted}
+
+    metrics = server.wait_metrics(
+        lambda m: all(added(m)[name] >= least for name, least in wanted.items()), added, timeout=10
+    )
     assert metrics['llamafleet_worker_lora_adapters_loaded{worker="0"}'] == 2
 
 

@@ -69,12 +69,11 @@ def wait_until(
     """Polls /metrics until `check` holds on one scrape (worker counters arrive with heartbeats, which a
     loaded machine can delay by more than any fixed sleep); returns that scrape. Use it for conditions
     that stay true once reached (counters only grow), so a heartbeat seen early cannot pass the test."""
-    deadline = time.monotonic() + timeout
-    while not check(samples := server.metrics()):
-        spec = {k: v for k, v in samples.items() if k.startswith("llamafleet_spec_")}
-        assert time.monotonic() < deadline, f"{what}: {spec}"
-        time.sleep(0.1)
-    return samples
+
+    def failure(samples: dict[str, float]) -> str:
+        return f"{what}: { {k: v for k, v in samples.items() if k.startswith('llamafleet_spec_')} }"
+
+    return server.wait_metrics(check, failure, timeout)
 
 
 def idle(server: Server) -> None:

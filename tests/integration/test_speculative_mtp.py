@@ -9,7 +9,6 @@ agrees with the target about half the time, so drafts are both accepted and reje
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,18 +62,21 @@ def test_acceptance_is_reported_per_provider(servers: tuple[Server, Server]) -> 
     _, spec = servers
     for prompt in PROMPTS[:2]:
         complete(spec, prompt, max_tokens=48, temperature=0)
+
     # The head drafts usefully (accepted > 0), and rejections happened (drafted - accepted > 0). Both only
     # grow, so they are polled for rather than read once after a fixed "heartbeat" sleep, which a loaded
     # machine can outlast.
-    deadline = time.monotonic() + 15
-    while True:
-        samples = spec.metrics()
-        drafted = metric(samples, "llamafleet_spec_drafted_tokens_total")
-        accepted = metric(samples, "llamafleet_spec_accepted_tokens_total")
-        if 0 < accepted < drafted:
-            break
-        assert time.monotonic() < deadline, f"draft-mtp drafted {drafted}, accepted {accepted}"
-        time.sleep(0.1)
+    def drafted(samples: dict[str, float]) -> float:
+        return metric(samples, "llamafleet_spec_drafted_tokens_total")
+
+    def accepted(samples: dict[str, float]) -> float:
+        return metric(samples, "llamafleet_spec_accepted_tokens_total")
+
+    spec.wait_metrics(
+        lambda m: 0 < accepted(m) < drafted(m),
+        lambda m: f"draft-mtp drafted {drafted(m)}, accepted {accepted(m)}",
+        timeout=15,
+    )
 
 
 def test_a_model_without_nextn_layers_fails_the_worker_start(tiny_llama_gguf: Path, tmp_path: Path) -> None:
