@@ -94,6 +94,14 @@ def fastest_seconds(
     return best[1] if n > 1 else 0.0
 
 
+def _coming_true(draft: Sequence[int], tokens: Sequence[int], at: int) -> int:
+    """How many of `draft`'s first tokens equal the answer's `tokens` from `at` on."""
+    right = 0
+    while right < len(draft) and at + right < len(tokens) and draft[right] == tokens[at + right]:
+        right += 1
+    return right
+
+
 def matched_drafts(answer: Answer, drafter: Drafter, k: int) -> tuple[list[int], list[int]]:
     """For each point of the answer, how many tokens of the drafter's `k`-token draft come true, and how
     long the draft is. A drafter with state of its own (predicted outputs follow where they drafted last)
@@ -105,10 +113,7 @@ def matched_drafts(answer: Answer, drafter: Drafter, k: int) -> tuple[list[int],
         history.append(tokens[i - 1])
         ask = DraftSeq(0, history, k, prompt_len, answer.prediction)
         draft = drafter.draft([ask])[0]
-        right = 0
-        while right < len(draft) and i + right < len(tokens) and draft[right] == tokens[i + right]:
-            right += 1
-        matched.append(right)
+        matched.append(_coming_true(draft, tokens, i))
         offered.append(len(draft))
     drafter.release(0)
     return matched, offered
@@ -123,9 +128,7 @@ def policy_seconds(answer: Answer, speculation: Speculation, curve: Sequence[flo
         room = len(tokens) - i - 1
         cand = Candidate(0, history, prompt_len, room, answer.prediction, False, frozenset())
         draft = speculation.propose([cand], 1).get(0, [])
-        right = 0
-        while right < len(draft) and draft[right] == tokens[i + right]:
-            right += 1
+        right = _coming_true(draft, tokens, i)
         if draft:
             speculation.verified(0, len(draft), right)
         gained = min(right + 1, len(tokens) - i)
@@ -140,7 +143,6 @@ def record(engine: LlamaEngine, prompt: list[int], n_tokens: int) -> tuple[list[
     """The greedy answer (sequence 0, removed afterwards) and the prefill's seconds."""
     batch = engine.batch
     engine.seq_rm(0)
-    batch.clear()
     prefill = 0.0
     for start in range(0, len(prompt), engine.n_batch):
         batch.clear()
