@@ -226,6 +226,33 @@ def test_null_for_an_optional_field_is_its_default(server: Server) -> None:
         assert response.json()["object"] == "response" and response.json()["parallel_tool_calls"] is True
         tokenized = http.post("/tokenize", json={"content": "x", "with_pieces": None, "add_special": None})
         assert tokenized.status_code == 200 and tokenized.json()["count"] >= 1, tokenized.text
+
+        # Nulls inside an assistant turn's tool call render as the defaults: the same prompt as spelled out.
+        def turn(call_type: str | None, arguments: str | None) -> list[dict[str, Any]]:
+            call = {"id": "c1", "type": call_type, "function": {"name": "f", "arguments": arguments}}
+            return [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]}, *CHAT]
+
+        counted = [
+            http.post(
+                "/v1/chat/completions", json={"messages": turn(*pair), "max_tokens": 2, "temperature": 0}
+            )
+            for pair in ((None, None), ("function", ""))
+        ]
+        assert all(answer.status_code == 200 for answer in counted), [a.text for a in counted]
+        first, second = (answer.json() for answer in counted)
+        assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
+        assert first["choices"][0]["message"] == second["choices"][0]["message"]  # greedy: the same prompt
+        streamed = http.post(
+            "/v1/chat/completions",
+            json={
+                "messages": CHAT,
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": None},
+            },
+        )
+        chunks = [c for c in sse_data(streamed.text) if c != "[DONE]"]
+        assert chunks and not any(c.get("usage") for c in chunks)  # include_usage: null is false
         refused = http.post("/v1/chat/completions", json={"messages": None, "max_tokens": 2})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
 

@@ -107,6 +107,18 @@ def test_float_and_base64_agree(minilm_server: Server) -> None:
         assert np.array_equal(f.astype(np.float32), d.astype(np.float32))
 
 
+def test_nulls_take_the_defaults(minilm_server: Server) -> None:
+    """`encoding_format: null` is float and `truncate: null` is no truncation, as if they were not sent."""
+    nulls = {"encoding_format": None, "truncate": None, "dimensions": None, "normalize": None}
+    with minilm_server.http() as http:
+        answer = http.post("/v1/embeddings", json={"model": ALIAS, "input": SENTENCES[:2], **nulls})
+    assert answer.status_code == 200, answer.text
+    got = [np.array(item["embedding"], dtype=np.float32) for item in answer.json()["data"]]
+    plain = _embed(minilm_server, SENTENCES[:2], encoding_format="float")
+    for g, p in zip(got, plain, strict=True):
+        assert np.array_equal(g, p.astype(np.float32))
+
+
 def test_dimensions_truncate_and_renormalise(minilm_server: Server) -> None:
     (full,) = _embed(minilm_server, SENTENCES[0], encoding_format="float")
     (short,) = _embed(minilm_server, SENTENCES[0], encoding_format="float", dimensions=64)
